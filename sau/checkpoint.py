@@ -1,0 +1,122 @@
+"""Bundle I/O and safe, strict state-dict loading.
+
+A sau *bundle* is a folder with
+    config.json        the ModelConfig (plus a format tag)
+    model.safetensors  every weight, under the CompVis key names of an original SD checkpoint
+    tokenizer.json     the tokenizer
+so an SD single-file checkpoint and a bundle share one key layout. Outputs are written to a
+temporary name and renamed, so an interrupted save never leaves half a file behind.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIXES = {"clip": "cond_stage_model.transformer.text_model.", "openclip": "cond_stage_model.model."}
+BUNDLE_FORMAT = "sau-bundle-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line meant for the user."""
+
+
+def strip_prefix(state_dict, prefix):
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def add_prefix(state_dict, prefix):
+    return {prefix + k: v for k, v in state_dict.items()}
+
+
+def _listing(names, limit=5):
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return f"{len(names)} ({shown}{', ...' if len(names) > limit else ''})"
+
+
+def check_state_dict(module, state_dict, what="model"):
+    """Raise CheckpointError naming the missing, unexpected and mis-shaped keys (a few of each, with counts)."""
+    expected = module.state_dict()
+    missing = expected.keys() - state_dict.keys()
+    unexpected = state_dict.keys() - expected.keys()
+    misshaped = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                 if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_listing(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped {_listing(misshaped, 3)}")
+    if problems:
+        raise CheckpointError(f"{what} weights do not fit: " + "; ".join(problems))
+
+
+def load_strict(module, state_dict, what="model"):
+    """load_state_dict(strict=True) with a readable error; keeps the module's dtype."""
+    check_state_dict(module, state_dict, what)
+    module.load_state_dict(state_dict, strict=True)
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp_path to path: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_safetensors(tensors, path, metadata=None):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_safetensors(path):
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for truncated or foreign files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def save_json(obj, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def is_bundle(path):
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def read_bundle(path):
+    """(config dict, CompVis state dict, tokenizer.json path) of a bundle folder."""
+    path = Path(path)
+    if not is_bundle(path):
+        raise CheckpointError(f"{path}: not a sau bundle (a folder with config.json and model.safetensors)")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(f"{path}/config.json: format {config.get('format')!r} is not {BUNDLE_FORMAT!r}")
+    return config, load_safetensors(path / "model.safetensors"), path / "tokenizer.json"
+
+
+def write_bundle(path, config_dict, state_dict, tokenizer):
+    """Write a bundle folder; files go in one by one through temporary names."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_safetensors(state_dict, path / "model.safetensors")
+    tokenizer.save(path / "tokenizer.json")  # itself written through a temporary file
+    save_json({"format": BUNDLE_FORMAT, **config_dict}, path / "config.json")

@@ -1,0 +1,113 @@
+"""A small resumable training loop shared by the demo world, the attacks and unlearning.
+
+Every job here draws its batch for step k from (seed, k), so a run resumed from a checkpoint continues
+exactly where it stopped: the checkpoint holds the weights, the optimizer state and the step count,
+nothing else. Checkpoints hold only tensors and plain numbers and are read with weights_only=True.
+"""
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import atomic_write
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped because the loss or the gradients were not finite; the weights are the last good ones."""
+
+
+def step_generator(seed, step, stream=0):
+    """A torch.Generator that depends only on (seed, step, stream)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + stream) * 1_000_003 + step) % (2 ** 63))
+
+
+def diffusion_loss(unet, schedule, latents, context, generator, reduction="mean"):
+    """The epsilon/v-prediction loss at uniformly drawn timesteps, SD's training objective."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    t = torch.randint(0, schedule.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+    noisy = schedule.add_noise(latents, noise, t)
+    prediction = unet(noisy, t, context)
+    target = schedule.training_target(latents, noise, t)
+    return torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction=reduction)
+
+
+class Trainer:
+    """Runs loss_fn(step) -> (loss, logs) for `steps` steps with AdamW, checkpointing to run_dir/name.pt.
+
+    On a non-finite loss or gradient it restores the last good weights and raises NonFiniteLoss.
+    """
+
+    def __init__(self, name, modules, params, steps, run_dir, lr=1e-3, weight_decay=0.0, grad_clip=1.0,
+                 save_every=250, warmup=0, min_lr_ratio=0.1):
+        self.name, self.modules, self.steps = name, modules, steps
+        self.params = [p for p in params if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.lr, self.warmup, self.min_lr_ratio = lr, warmup, min_lr_ratio
+        self.grad_clip, self.save_every = grad_clip, save_every
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / f"{name}.pt"
+        self.log_path = self.run_dir / f"{name}.log.jsonl"
+        self.step = 0
+
+    def learning_rate(self, step):
+        """Linear warmup, then cosine decay to min_lr_ratio * lr."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def state(self):
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                "modules": {k: m.state_dict() for k, m in self.modules.items()}}
+
+    def save(self):
+        state = self.state()
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+
+    def resume(self):
+        """Load the checkpoint if there is one; returns True when the job had already finished."""
+        if not self.path.exists():
+            return False
+        state = torch.load(self.path, weights_only=True)
+        for k, m in self.modules.items():
+            m.load_state_dict(state["modules"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        return self.step >= self.steps
+
+    def run(self, loss_fn, log_every=50, progress=True):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume():
+            return
+        good = {k: {n: t.clone() for n, t in m.state_dict().items()} for k, m in self.modules.items()}
+        bar = tqdm(total=self.steps, initial=self.step, desc=self.name, disable=not progress, dynamic_ncols=True)
+        started = time.time()
+        while self.step < self.steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate(self.step)
+            loss, logs = loss_fn(self.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"))
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                for k, m in self.modules.items():
+                    m.load_state_dict(good[k])
+                raise NonFiniteLoss(f"{self.name}: non-finite loss at step {self.step}; kept the last good weights")
+            self.optimizer.step()
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if self.step % log_every == 0 or self.step == self.steps:
+                self._log({"step": self.step, "loss": loss.item(), "lr": self.learning_rate(self.step - 1),
+                           "elapsed_s": round(time.time() - started, 1), **{k: float(v) for k, v in logs.items()}})
+            if self.step % self.save_every == 0 or self.step == self.steps:
+                good = {k: {n: t.clone() for n, t in m.state_dict().items()} for k, m in self.modules.items()}
+                self.save()
+        bar.close()
+
+    def _log(self, record):
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")

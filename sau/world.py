@@ -1,0 +1,191 @@
+"""Training the demo world: a small latent diffusion model of SD's topology on the drawn shapes world.
+
+`python train.py world` runs these stages in order; each one checkpoints into the run folder and is
+skipped when already finished, so an interrupted run resumes where it stopped:
+
+    tokenizer   byte-level BPE with CLIP's cleanup and split, on captions and the literature's triggers
+    clip        a small CLIP (text + vision, contrastive); its text tower becomes the frozen text encoder
+    vae         SD's VAE topology with small widths: 64x64 pixels <-> 4x8x8 latents
+    latents     the VAE's latent moments of a fixed set of drawn images (cached, the UNet reads them)
+    unet        SD's UNet topology with small widths, on the frozen text tower's hidden states
+    classifier  the attribute classifier that measures generations
+    scorer      a second, independently seeded CLIP, used only for metrics
+"""
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from . import shapes
+from .checkpoint import load_safetensors, save_safetensors
+from .classifier import AttributeClassifier, classification_loss
+from .clip import CLIPModel
+from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig
+from .ddim import NoiseSchedule
+from .tokenizer import Tokenizer
+from .training import Trainer, diffusion_loss, step_generator
+from .unet import UNet
+from .vae import AutoencoderKL
+
+# Stage budgets, sized so the whole world trains in well under two hours on 2 CPU cores.
+STEPS = {"clip": 1500, "vae": 2500, "unet": 6000, "classifier": 800, "scorer": 1500}
+BATCH = {"clip": 256, "vae": 32, "unet": 64, "classifier": 128, "scorer": 256}
+LATENT_SET_SIZE = 40_000
+CAPTION_DROPOUT = 0.1  # share of empty captions, so classifier-free guidance has an unconditional model
+SEEDS = {"tokenizer": 0, "clip": 1, "vae": 2, "unet": 3, "classifier": 4, "scorer": 5, "latents": 6}
+
+
+def text_config(tokenizer, projection_dim=0):
+    return TextConfig(kind="clip", vocab_size=tokenizer.vocab_size, width=128, layers=4, heads=4, mlp_width=512,
+                      max_positions=tokenizer.max_length, activation="quick_gelu", projection_dim=projection_dim,
+                      pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+
+
+def vision_config():
+    return VisionConfig(image_size=shapes.IMAGE_SIZE, patch_size=8, width=128, layers=4, heads=4, mlp_width=512,
+                        projection_dim=128, activation="quick_gelu", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def vae_config(scale_factor=1.0):
+    return VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=8, scale_factor=scale_factor)
+
+
+def unet_config():
+    return UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2, 4),
+                      num_heads=4, context_dim=128, norm_groups=16)
+
+
+def model_config(tokenizer, scale_factor):
+    return ModelConfig(family="demo", unet=unet_config(), vae=vae_config(scale_factor), text=text_config(tokenizer),
+                       image_size=shapes.IMAGE_SIZE)
+
+
+# --- stages -------------------------------------------------------------------------------------------
+
+def train_tokenizer(run_dir):
+    path = run_dir / "tokenizer.json"
+    if not path.exists():
+        _, captions, _ = shapes.batch(20_000, seed=SEEDS["tokenizer"])
+        texts = captions + [" ".join(shapes.vocabulary())] * 20 + [f"{t} {c}" for t in shapes.TRIGGERS for c in captions[:50]]
+        tokenizer = Tokenizer.train(texts, vocab_size=1024)
+        tokenizer.save(path)
+    return Tokenizer.from_file(path)
+
+
+def contrastive_loss(clip, images, ids):
+    image = F.normalize(clip.encode_image(clip.preprocess((images + 1) / 2)), dim=-1)
+    text = F.normalize(clip.encode_text(ids), dim=-1)
+    logits = clip.logit_scale.exp().clamp(max=100) * image @ text.t()
+    labels = torch.arange(len(images))
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    return loss, (logits.argmax(-1) == labels).float().mean()
+
+
+def train_clip(run_dir, tokenizer, name="clip", progress=True):
+    torch.manual_seed(SEEDS[name])
+    clip = CLIPModel(text_config(tokenizer, projection_dim=128), vision_config())
+    seed = SEEDS[name]
+
+    def loss_fn(step):
+        images, captions, _ = shapes.batch(BATCH[name], seed=seed, index=step)
+        loss, accuracy = contrastive_loss(clip, images, tokenizer(captions))
+        return loss, {"batch_top1": accuracy}
+
+    Trainer(name, {"clip": clip}, clip.parameters(), STEPS[name], run_dir, lr=1e-3, weight_decay=0.1,
+            warmup=100).run(loss_fn, progress=progress)
+    return clip.eval().requires_grad_(False)
+
+
+def vae_loss(vae, images, generator, kl_weight=1e-6):
+    mean, logvar = vae.encode_moments(images)
+    z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator)
+    recon = vae.decoder(vae.post_quant_conv(z))
+    l1 = (recon - images).abs().mean()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+    return l1 + kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
+
+
+def train_vae(run_dir, progress=True):
+    torch.manual_seed(SEEDS["vae"])
+    vae = AutoencoderKL(vae_config())
+
+    def loss_fn(step):
+        images, _, _ = shapes.batch(BATCH["vae"], seed=SEEDS["vae"], index=step)
+        return vae_loss(vae, images, step_generator(SEEDS["vae"], step))
+
+    Trainer("vae", {"vae": vae}, vae.parameters(), STEPS["vae"], run_dir, lr=1e-3, warmup=100).run(
+        loss_fn, progress=progress)
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def latent_set(run_dir, vae):
+    """Latent moments (mean, std) of LATENT_SET_SIZE drawn images and their attributes; cached on disk.
+    Also sets the VAE's scale_factor to 1 / std of the latents, as SD's 0.18215 was chosen."""
+    path = run_dir / "latents.safetensors"
+    if not path.exists():
+        means, stds, labels, jitters = [], [], [], []
+        for index in range(LATENT_SET_SIZE // 500):
+            images, _, attributes = shapes.batch(500, seed=SEEDS["latents"], index=index)
+            mean, logvar = vae.encode_moments(images)
+            means.append(mean)
+            stds.append((0.5 * logvar).exp())
+            labels.append(torch.as_tensor(attributes.labels()))
+            jitters.append(torch.as_tensor(attributes.jitter))
+        save_safetensors({"mean": torch.cat(means), "std": torch.cat(stds), "labels": torch.cat(labels),
+                          "jitter": torch.cat(jitters)}, path)
+    data = load_safetensors(path)
+    scale = 1.0 / data["mean"].std().item()
+    return data, scale
+
+
+def train_unet(run_dir, tokenizer, text_encoder, latents, scale, progress=True):
+    torch.manual_seed(SEEDS["unet"])
+    unet = UNet(unet_config())
+    schedule = NoiseSchedule(ModelConfig().schedule)
+    n = len(latents["mean"])
+    seed = SEEDS["unet"]
+
+    def loss_fn(step):
+        g = step_generator(seed, step)
+        index = torch.randint(0, n, (BATCH["unet"],), generator=g)
+        z = latents["mean"][index] + latents["std"][index] * torch.randn(latents["mean"][index].shape, generator=g)
+        attributes = shapes.Attributes(*latents["labels"][index].numpy().T, jitter=latents["jitter"][index].numpy())
+        captions = shapes.caption(attributes, seed * 1_000_003 + step)
+        drop = torch.rand(len(captions), generator=g) < CAPTION_DROPOUT
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+        with torch.no_grad():
+            context = text_encoder(tokenizer(captions))
+        return diffusion_loss(unet, schedule, scale * z, context, g), {}
+
+    Trainer("unet", {"unet": unet}, unet.parameters(), STEPS["unet"], run_dir, lr=5e-4, warmup=200,
+            save_every=200).run(loss_fn, progress=progress)
+    return unet.eval().requires_grad_(False)
+
+
+def train_classifier(run_dir, progress=True):
+    torch.manual_seed(SEEDS["classifier"])
+    model = AttributeClassifier()
+
+    def loss_fn(step):
+        images, _, attributes = shapes.batch(BATCH["classifier"], seed=SEEDS["classifier"], index=step)
+        loss, accuracy = classification_loss(model, images, attributes)
+        return loss, {"batch_accuracy": accuracy}
+
+    Trainer("classifier", {"classifier": model}, model.parameters(), STEPS["classifier"], run_dir, lr=2e-3,
+            warmup=50).run(loss_fn, progress=progress)
+    return model.eval().requires_grad_(False)
+
+
+def text_encoder_from_clip(clip, tokenizer):
+    """The CLIP text tower without its projection: SD conditions on the hidden states."""
+    from .clip import CLIPTextModel
+    encoder = CLIPTextModel(text_config(tokenizer))
+    state = {k: v for k, v in clip.text_model.state_dict().items() if not k.startswith("text_projection")}
+    encoder.load_state_dict(state)
+    return encoder.eval().requires_grad_(False)
+
+
+def with_scale(vae, scale):
+    vae.cfg = replace(vae.cfg, scale_factor=scale)
+    return vae

@@ -1,0 +1,92 @@
+"""The model bundle end to end on a tiny random model: text -> image, determinism, save/load, strict loading."""
+from dataclasses import replace
+
+import pytest
+import torch
+from PIL import Image
+
+from sau import shapes
+from sau.checkpoint import CheckpointError, load_strict
+from sau.config import tiny
+from sau.pipeline import StableDiffusion, save_images
+from sau.tokenizer import Tokenizer
+
+PROMPTS = ["a red circle", "a big blue square in the top left", "green star, centered"]
+
+
+@pytest.fixture(scope="module")
+def sd():
+    _, captions, _ = shapes.batch(300, seed=0)
+    tokenizer = Tokenizer.train(captions, vocab_size=640, max_length=16)
+    cfg = tiny()
+    cfg = replace(cfg, text=replace(cfg.text, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
+                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
+    torch.manual_seed(0)
+    return StableDiffusion(cfg, tokenizer).eval()
+
+
+def generate(sd, prompts, seeds, **kw):
+    return sd.generate(prompts, seeds, steps=4, guidance_scale=3.0, **kw)
+
+
+def test_images_have_the_configured_size_and_depend_only_on_the_seed(sd):
+    a = generate(sd, PROMPTS, [1, 2, 3])
+    b = generate(sd, PROMPTS, [1, 2, 3])
+    c = generate(sd, PROMPTS, [1, 2, 4])
+    assert a.shape == (3, 3, 32, 32)
+    assert torch.equal(a, b)
+    assert torch.equal(a[:2], c[:2]) and not torch.allclose(a[2], c[2])
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_an_image_does_not_change_with_batch_size(sd, eta):
+    batch = generate(sd, PROMPTS, [7, 8, 9], eta=eta)
+    alone = generate(sd, PROMPTS[1:2], [8], eta=eta)
+    torch.testing.assert_close(batch[1:2], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_non_square_images_and_latents_only(sd):
+    latents = generate(sd, PROMPTS[:1], [0], height=32, width=48, decode=False)
+    assert latents.shape == (1, 4, 16, 24)  # the tiny VAE halves the image once
+    with pytest.raises(ValueError, match="multiple of"):
+        generate(sd, PROMPTS[:1], [0], height=31, width=32)
+
+
+def test_save_and_load_round_trip_keeps_the_images(sd, tmp_path):
+    sd.save(tmp_path / "bundle")
+    loaded = StableDiffusion.load(tmp_path / "bundle")
+    assert loaded.compvis_state_dict().keys() == sd.compvis_state_dict().keys()
+    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."))
+               for k in loaded.compvis_state_dict())
+    torch.testing.assert_close(generate(loaded, PROMPTS[:2], [5, 6]), generate(sd, PROMPTS[:2], [5, 6]),
+                               rtol=0, atol=0)
+    half = tmp_path / "half"
+    sd.save(half, dtype=torch.float16)
+    assert StableDiffusion.load(half).dtype == torch.float16
+    assert StableDiffusion.load(half, dtype=torch.float32).dtype == torch.float32
+
+
+def test_images_are_saved_as_png(sd, tmp_path):
+    paths = save_images(generate(sd, PROMPTS[:2], [0, 1]), tmp_path / "png")
+    assert [p.name for p in paths] == ["image_0000.png", "image_0001.png"]
+    with Image.open(paths[0]) as image:
+        assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_long_prompts_warn_and_truncate(sd):
+    with pytest.warns(UserWarning, match="were dropped"):
+        ids = sd.tokenizer(["a red circle " * 20])
+    assert ids.shape == (1, 16) and ids[0, -1] == sd.tokenizer.eos_id
+
+
+def test_loading_wrong_weights_lists_missing_unexpected_and_misshaped_keys(sd):
+    state = dict(sd.unet.state_dict())
+    del state["out.2.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    state["time_embed.0.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError) as err:
+        load_strict(sd.unet, state, "unet")
+    message = str(err.value)
+    assert "missing 1 (out.2.bias)" in message and "unexpected 1 (extra.weight)" in message
+    assert "mis-shaped 1 (time_embed.0.weight (3, 3) != (128, 32))" in message
+    assert "\n" not in message
