@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = {"clip": "cond_stage_model.transformer.text_model.", "openclip": "cond_stage_model.model."}
-BUNDLE_FORMAT = "sau-bundle-1"
+BUNDLE_FORMATS = {"sd": "sau-bundle-1", "clip": "sau-clip-1"}  # a diffusion model; a CLIP scorer
 
 
 class CheckpointError(ValueError):
@@ -102,21 +102,21 @@ def is_bundle(path):
     return path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
-def read_bundle(path):
-    """(config dict, CompVis state dict, tokenizer.json path) of a bundle folder."""
+def read_bundle(path, kind="sd"):
+    """(config dict, state dict, tokenizer.json path) of a bundle folder of the given kind."""
     path = Path(path)
     if not is_bundle(path):
         raise CheckpointError(f"{path}: not a sau bundle (a folder with config.json and model.safetensors)")
     config = json.loads((path / "config.json").read_text())
-    if config.get("format") != BUNDLE_FORMAT:
-        raise CheckpointError(f"{path}/config.json: format {config.get('format')!r} is not {BUNDLE_FORMAT!r}")
+    if config.get("format") != BUNDLE_FORMATS[kind]:
+        raise CheckpointError(f"{path}: a {config.get('format')!r} bundle, not {BUNDLE_FORMATS[kind]!r}")
     return config, load_safetensors(path / "model.safetensors"), path / "tokenizer.json"
 
 
-def write_bundle(path, config_dict, state_dict, tokenizer):
+def write_bundle(path, config_dict, state_dict, tokenizer, kind="sd"):
     """Write a bundle folder; files go in one by one through temporary names."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_safetensors(state_dict, path / "model.safetensors")
     tokenizer.save(path / "tokenizer.json")  # itself written through a temporary file
-    save_json({"format": BUNDLE_FORMAT, **config_dict}, path / "config.json")
+    save_json({"format": BUNDLE_FORMATS[kind], **config_dict}, path / "config.json")

@@ -24,8 +24,10 @@ class AttributeClassifier(nn.Module):
 
     def __init__(self, width=32):
         super().__init__()
-        self.trunk = nn.Sequential(conv_block(3, width), nn.MaxPool2d(2), conv_block(width, 2 * width), nn.MaxPool2d(2),
-                                   conv_block(2 * width, 2 * width), nn.AdaptiveAvgPool2d(4))
+        # A strided stem first: full-resolution convs would cost most of the compute for little gain
+        self.trunk = nn.Sequential(nn.Conv2d(3, width, 4, stride=2, padding=1), conv_block(width, width), nn.MaxPool2d(2),
+                                   conv_block(width, 2 * width), nn.MaxPool2d(2), conv_block(2 * width, 2 * width),
+                                   nn.AdaptiveAvgPool2d(4))
         features = 2 * width * 16
         self.heads = nn.ModuleDict({field: nn.Linear(features, n) for field, n in HEADS.items()})
 

@@ -11,25 +11,32 @@ skipped when already finished, so an interrupted run resumes where it stopped:
     classifier  the attribute classifier that measures generations
     scorer      a second, independently seeded CLIP, used only for metrics
 """
-from dataclasses import replace
+import hashlib
+import json
+import time
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import shapes
-from .checkpoint import load_safetensors, save_safetensors
+from .checkpoint import load_safetensors, save_json, save_safetensors
 from .classifier import AttributeClassifier, classification_loss
-from .clip import CLIPModel
+from .clip import CLIPModel, CLIPTextModel
 from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig
 from .ddim import NoiseSchedule
+from .pipeline import StableDiffusion
+from .scorer import CLIPScorer
 from .tokenizer import Tokenizer
 from .training import Trainer, diffusion_loss, step_generator
 from .unet import UNet
 from .vae import AutoencoderKL
 
 # Stage budgets, sized so the whole world trains in well under two hours on 2 CPU cores.
-STEPS = {"clip": 1500, "vae": 2500, "unet": 6000, "classifier": 800, "scorer": 1500}
-BATCH = {"clip": 256, "vae": 32, "unet": 64, "classifier": 128, "scorer": 256}
+STEPS = {"clip": 800, "vae": 3000, "unet": 8000, "classifier": 600, "scorer": 800}
+BATCH = {"clip": 128, "vae": 32, "unet": 64, "classifier": 128, "scorer": 128}
+MAX_TOKENS = 32  # captions are short; SD's 77 positions would only add padding to attend over
 LATENT_SET_SIZE = 40_000
 CAPTION_DROPOUT = 0.1  # share of empty captions, so classifier-free guidance has an unconditional model
 SEEDS = {"tokenizer": 0, "clip": 1, "vae": 2, "unet": 3, "classifier": 4, "scorer": 5, "latents": 6}
@@ -47,11 +54,11 @@ def vision_config():
 
 
 def vae_config(scale_factor=1.0):
-    return VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=8, scale_factor=scale_factor)
+    return VAEConfig(ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=8, scale_factor=scale_factor)
 
 
 def unet_config():
-    return UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2, 4),
+    return UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(1, 2, 4),
                       num_heads=4, context_dim=128, norm_groups=16)
 
 
@@ -67,9 +74,9 @@ def train_tokenizer(run_dir):
     if not path.exists():
         _, captions, _ = shapes.batch(20_000, seed=SEEDS["tokenizer"])
         texts = captions + [" ".join(shapes.vocabulary())] * 20 + [f"{t} {c}" for t in shapes.TRIGGERS for c in captions[:50]]
-        tokenizer = Tokenizer.train(texts, vocab_size=1024)
+        tokenizer = Tokenizer.train(texts, vocab_size=1024, max_length=MAX_TOKENS)
         tokenizer.save(path)
-    return Tokenizer.from_file(path)
+    return Tokenizer.from_file(path, max_length=MAX_TOKENS)
 
 
 def contrastive_loss(clip, images, ids):
@@ -81,17 +88,17 @@ def contrastive_loss(clip, images, ids):
     return loss, (logits.argmax(-1) == labels).float().mean()
 
 
-def train_clip(run_dir, tokenizer, name="clip", progress=True):
+def train_clip(run_dir, tokenizer, name="clip", steps=STEPS, batch=BATCH, progress=True):
     torch.manual_seed(SEEDS[name])
     clip = CLIPModel(text_config(tokenizer, projection_dim=128), vision_config())
     seed = SEEDS[name]
 
     def loss_fn(step):
-        images, captions, _ = shapes.batch(BATCH[name], seed=seed, index=step)
+        images, captions, _ = shapes.batch(batch[name], seed=seed, index=step)
         loss, accuracy = contrastive_loss(clip, images, tokenizer(captions))
         return loss, {"batch_top1": accuracy}
 
-    Trainer(name, {"clip": clip}, clip.parameters(), STEPS[name], run_dir, lr=1e-3, weight_decay=0.1,
+    Trainer(name, {"clip": clip}, clip.parameters(), steps[name], run_dir, lr=1e-3, weight_decay=0.1,
             warmup=100).run(loss_fn, progress=progress)
     return clip.eval().requires_grad_(False)
 
@@ -105,28 +112,28 @@ def vae_loss(vae, images, generator, kl_weight=1e-6):
     return l1 + kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
 
 
-def train_vae(run_dir, progress=True):
+def train_vae(run_dir, steps=STEPS, batch=BATCH, progress=True):
     torch.manual_seed(SEEDS["vae"])
     vae = AutoencoderKL(vae_config())
 
     def loss_fn(step):
-        images, _, _ = shapes.batch(BATCH["vae"], seed=SEEDS["vae"], index=step)
+        images, _, _ = shapes.batch(batch["vae"], seed=SEEDS["vae"], index=step)
         return vae_loss(vae, images, step_generator(SEEDS["vae"], step))
 
-    Trainer("vae", {"vae": vae}, vae.parameters(), STEPS["vae"], run_dir, lr=1e-3, warmup=100).run(
+    Trainer("vae", {"vae": vae}, vae.parameters(), steps["vae"], run_dir, lr=1e-3, warmup=100).run(
         loss_fn, progress=progress)
     return vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def latent_set(run_dir, vae):
+def latent_set(run_dir, vae, size=LATENT_SET_SIZE):
     """Latent moments (mean, std) of LATENT_SET_SIZE drawn images and their attributes; cached on disk.
     Also sets the VAE's scale_factor to 1 / std of the latents, as SD's 0.18215 was chosen."""
     path = run_dir / "latents.safetensors"
     if not path.exists():
         means, stds, labels, jitters = [], [], [], []
-        for index in range(LATENT_SET_SIZE // 500):
-            images, _, attributes = shapes.batch(500, seed=SEEDS["latents"], index=index)
+        for index in range(-(-size // 500)):
+            images, _, attributes = shapes.batch(min(500, size - 500 * index), seed=SEEDS["latents"], index=index)
             mean, logvar = vae.encode_moments(images)
             means.append(mean)
             stds.append((0.5 * logvar).exp())
@@ -139,7 +146,7 @@ def latent_set(run_dir, vae):
     return data, scale
 
 
-def train_unet(run_dir, tokenizer, text_encoder, latents, scale, progress=True):
+def train_unet(run_dir, tokenizer, text_encoder, latents, scale, steps=STEPS, batch=BATCH, progress=True):
     torch.manual_seed(SEEDS["unet"])
     unet = UNet(unet_config())
     schedule = NoiseSchedule(ModelConfig().schedule)
@@ -148,44 +155,101 @@ def train_unet(run_dir, tokenizer, text_encoder, latents, scale, progress=True):
 
     def loss_fn(step):
         g = step_generator(seed, step)
-        index = torch.randint(0, n, (BATCH["unet"],), generator=g)
+        index = torch.randint(0, n, (batch["unet"],), generator=g)
         z = latents["mean"][index] + latents["std"][index] * torch.randn(latents["mean"][index].shape, generator=g)
         attributes = shapes.Attributes(*latents["labels"][index].numpy().T, jitter=latents["jitter"][index].numpy())
-        captions = shapes.caption(attributes, seed * 1_000_003 + step)
+        captions = shapes.caption(attributes, np.random.default_rng([seed, step]))
         drop = torch.rand(len(captions), generator=g) < CAPTION_DROPOUT
         captions = ["" if d else c for c, d in zip(captions, drop)]
         with torch.no_grad():
             context = text_encoder(tokenizer(captions))
         return diffusion_loss(unet, schedule, scale * z, context, g), {}
 
-    Trainer("unet", {"unet": unet}, unet.parameters(), STEPS["unet"], run_dir, lr=5e-4, warmup=200,
+    Trainer("unet", {"unet": unet}, unet.parameters(), steps["unet"], run_dir, lr=5e-4, warmup=200,
             save_every=200).run(loss_fn, progress=progress)
     return unet.eval().requires_grad_(False)
 
 
-def train_classifier(run_dir, progress=True):
+def train_classifier(run_dir, steps=STEPS, batch=BATCH, progress=True):
     torch.manual_seed(SEEDS["classifier"])
     model = AttributeClassifier()
 
     def loss_fn(step):
-        images, _, attributes = shapes.batch(BATCH["classifier"], seed=SEEDS["classifier"], index=step)
+        images, _, attributes = shapes.batch(batch["classifier"], seed=SEEDS["classifier"], index=step)
         loss, accuracy = classification_loss(model, images, attributes)
         return loss, {"batch_accuracy": accuracy}
 
-    Trainer("classifier", {"classifier": model}, model.parameters(), STEPS["classifier"], run_dir, lr=2e-3,
+    Trainer("classifier", {"classifier": model}, model.parameters(), steps["classifier"], run_dir, lr=2e-3,
             warmup=50).run(loss_fn, progress=progress)
     return model.eval().requires_grad_(False)
 
 
 def text_encoder_from_clip(clip, tokenizer):
     """The CLIP text tower without its projection: SD conditions on the hidden states."""
-    from .clip import CLIPTextModel
     encoder = CLIPTextModel(text_config(tokenizer))
-    state = {k: v for k, v in clip.text_model.state_dict().items() if not k.startswith("text_projection")}
-    encoder.load_state_dict(state)
+    encoder.load_state_dict(clip.text_model.state_dict())
     return encoder.eval().requires_grad_(False)
 
 
-def with_scale(vae, scale):
-    vae.cfg = replace(vae.cfg, scale_factor=scale)
-    return vae
+# --- the whole world ------------------------------------------------------------------------------------
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"  # shipped bundles: clean/, scorer/, classifier.safetensors
+
+
+def train_world(run_dir, out_dir=DEMO_DIR, command="python train.py world", steps=STEPS, batch=BATCH,
+                latent_set_size=LATENT_SET_SIZE, progress=True):
+    """All stages, then the shipped files (fp16) and a manifest with their sha256 and the quality reached."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    tokenizer = train_tokenizer(run_dir)
+    clip = train_clip(run_dir, tokenizer, "clip", steps, batch, progress)
+    vae = train_vae(run_dir, steps, batch, progress)
+    latents, scale = latent_set(run_dir, vae, latent_set_size)
+    text_encoder = text_encoder_from_clip(clip, tokenizer)
+    unet = train_unet(run_dir, tokenizer, text_encoder, latents, scale, steps, batch, progress)
+    classifier = train_classifier(run_dir, steps, batch, progress)
+    scorer = CLIPScorer(train_clip(run_dir, tokenizer, "scorer", steps, batch, progress), tokenizer)
+
+    sd = StableDiffusion(model_config(tokenizer, scale), tokenizer)
+    sd.text_encoder.load_state_dict(text_encoder.state_dict())
+    sd.vae.load_state_dict(vae.state_dict())
+    sd.unet.load_state_dict(unet.state_dict())
+    sd.eval().requires_grad_(False)
+    sd.save(out_dir / "clean", dtype=torch.float16)
+    scorer.save(out_dir / "scorer")
+    save_safetensors({k: v.half() for k, v in classifier.state_dict().items()}, out_dir / "classifier.safetensors")
+    wall = time.time() - started
+    write_manifest(run_dir, out_dir, command, wall, steps, batch, latent_set_size)
+    return sd, classifier, scorer
+
+
+def stage_seconds(run_dir):
+    """Training wall time per stage, from the last line of each stage's log."""
+    seconds = {}
+    for log in sorted(Path(run_dir).glob("*.log.jsonl")):
+        lines = log.read_text().splitlines()
+        if lines:
+            seconds[log.name.split(".")[0]] = json.loads(lines[-1]).get("elapsed_s")
+    return seconds
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(run_dir, out_dir, command, wall_seconds, steps, batch, latent_set_size):
+    files = sorted(p for p in Path(out_dir).rglob("*") if p.is_file() and p.name != "MANIFEST.json")
+    manifest_path = Path(out_dir) / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest["world"] = {
+        "command": command, "steps": steps, "batch": batch, "seeds": SEEDS, "latent_set_size": latent_set_size,
+        "caption_dropout": CAPTION_DROPOUT, "stage_seconds": stage_seconds(run_dir),
+        "wall_seconds_this_invocation": round(wall_seconds, 1), "torch": torch.__version__,
+    }
+    manifest["files"] = {str(p.relative_to(out_dir)): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}
+    save_json(manifest, manifest_path)
