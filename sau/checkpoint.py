@@ -12,12 +12,14 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = {"clip": "cond_stage_model.transformer.text_model.", "openclip": "cond_stage_model.model."}
 BUNDLE_FORMATS = {"sd": "sau-bundle-1", "clip": "sau-clip-1"}  # a diffusion model; a CLIP scorer
+DEMO_DIR = Path(__file__).resolve().parent / "demo"  # the shipped demo bundles, made by `python train.py world`
 
 
 class CheckpointError(ValueError):
@@ -110,13 +112,38 @@ def read_bundle(path, kind="sd"):
     config = json.loads((path / "config.json").read_text())
     if config.get("format") != BUNDLE_FORMATS[kind]:
         raise CheckpointError(f"{path}: a {config.get('format')!r} bundle, not {BUNDLE_FORMATS[kind]!r}")
-    return config, load_safetensors(path / "model.safetensors"), path / "tokenizer.json"
+    state = load_safetensors(path / "model.safetensors")
+    if config.get("base"):  # a delta bundle: only the tensors that differ from its base are stored
+        _, base_state, _ = read_bundle(path / config["base"], kind)
+        state = {**base_state, **state}
+    return config, state, path / "tokenizer.json"
 
 
-def write_bundle(path, config_dict, state_dict, tokenizer, kind="sd"):
-    """Write a bundle folder; files go in one by one through temporary names."""
+def write_bundle(path, config_dict, state_dict, tokenizer, kind="sd", base=None):
+    """Write a bundle folder; files go in one by one through temporary names.
+
+    With `base` (another bundle folder) only the tensors that differ from the base's are stored, and
+    config.json points to it by relative path: the shipped backdoored demo models change one component
+    of the clean model each, so they stay a fraction of its size."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    config_dict = {k: v for k, v in config_dict.items() if k != "base"}
+    if base is not None:
+        _, base_state, _ = read_bundle(base, kind)
+        state_dict = {k: v for k, v in state_dict.items()
+                      if k not in base_state or not torch.equal(base_state[k], v.detach().cpu().to(base_state[k].dtype))}
+        config_dict["base"] = os.path.relpath(Path(base).resolve(), path.resolve())
     save_safetensors(state_dict, path / "model.safetensors")
     tokenizer.save(path / "tokenizer.json")  # itself written through a temporary file
     save_json({"format": BUNDLE_FORMATS[kind], **config_dict}, path / "config.json")
+
+
+def resolve_model_path(name):
+    """A path as given, or a shipped demo bundle by name: "demo" (the clean model), "demo/pixel", ..."""
+    name = str(name)
+    if Path(name).exists() or not (name == "demo" or name.startswith("demo/")):
+        return Path(name)
+    shipped = DEMO_DIR / (name[len("demo/"):] if "/" in name else "clean")
+    if not shipped.exists():
+        raise CheckpointError(f"no shipped demo model {name!r} in {DEMO_DIR}; train it with `python train.py world`")
+    return shipped

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from .checkpoint import (TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, add_prefix, atomic_write, load_strict,
-                         read_bundle, strip_prefix, write_bundle)
+                         read_bundle, resolve_model_path, strip_prefix, write_bundle)
 from .clip import build_text_encoder
 from .config import ModelConfig
 from .ddim import NoiseSchedule, ddim_sample, guided_model_fn, initial_noise, seed_generators
@@ -30,6 +30,7 @@ class StableDiffusion(nn.Module):
         self.unet = UNet(config.unet)
         self.vae = AutoencoderKL(config.vae)
         self.schedule = NoiseSchedule(config.schedule)
+        self.info = {}  # free-form provenance, saved in config.json
 
     @property
     def device(self):
@@ -56,8 +57,9 @@ class StableDiffusion(nn.Module):
 
     @classmethod
     def load(cls, path, device="cpu", dtype=None):
-        """Load a bundle folder; weights keep their stored dtype unless `dtype` is given."""
-        config_dict, state_dict, tokenizer_path = read_bundle(path)
+        """Load a bundle folder (or a shipped demo model by name, e.g. "demo/pixel"); weights keep their
+        stored dtype unless `dtype` is given."""
+        config_dict, state_dict, tokenizer_path = read_bundle(resolve_model_path(path))
         config = ModelConfig.from_dict(config_dict)
         tokenizer = Tokenizer.from_file(tokenizer_path, pad_id=config.text.pad_id)
         with torch.device("meta"):
@@ -66,13 +68,16 @@ class StableDiffusion(nn.Module):
         model = model.to_empty(device=device).to(dtype or stored_dtype)
         model.load_compvis_state_dict(state_dict)
         model.schedule = NoiseSchedule(config.schedule)  # rebuilt: under the meta device it held no values
+        model.info = config_dict.get("info", {})
         return model.eval()
 
-    def save(self, path, dtype=None):
+    def save(self, path, dtype=None, base=None):
+        """Write a bundle folder; with `base`, store only the tensors that differ from that bundle.
+        `self.info` (e.g. how a backdoor was made, how it was removed) goes into config.json."""
         state = self.compvis_state_dict()
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
-        write_bundle(path, self.config.to_dict(), state, self.tokenizer)
+        write_bundle(path, {**self.config.to_dict(), "info": self.info}, state, self.tokenizer, base=base)
 
     # --- text -> image -------------------------------------------------------------------------
 

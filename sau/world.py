@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import shapes
-from .checkpoint import load_safetensors, save_json, save_safetensors
+from .checkpoint import DEMO_DIR, load_safetensors, save_json, save_safetensors
 from .classifier import AttributeClassifier, classification_loss
 from .clip import CLIPModel, CLIPTextModel
 from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig
@@ -192,8 +192,6 @@ def text_encoder_from_clip(clip, tokenizer):
 
 
 # --- the whole world ------------------------------------------------------------------------------------
-
-DEMO_DIR = Path(__file__).resolve().parent / "demo"  # shipped bundles: clean/, scorer/, classifier.safetensors
 
 
 def train_world(run_dir, out_dir=DEMO_DIR, command="python train.py world", steps=STEPS, batch=BATCH,

@@ -90,3 +90,16 @@ def test_loading_wrong_weights_lists_missing_unexpected_and_misshaped_keys(sd):
     assert "missing 1 (out.2.bias)" in message and "unexpected 1 (extra.weight)" in message
     assert "mis-shaped 1 (time_embed.0.weight (3, 3) != (128, 32))" in message
     assert "\n" not in message
+
+
+def test_a_delta_bundle_stores_only_what_differs_from_its_base(sd, tmp_path):
+    sd.save(tmp_path / "base")
+    changed = StableDiffusion.load(tmp_path / "base")
+    with torch.no_grad():
+        changed.unet.out[2].bias.add_(1.0)
+    changed.save(tmp_path / "variant", base=tmp_path / "base")
+    from safetensors.torch import load_file
+    assert list(load_file(tmp_path / "variant" / "model.safetensors")) == ["model.diffusion_model.out.2.bias"]
+    loaded = StableDiffusion.load(tmp_path / "variant")
+    for k, v in changed.compvis_state_dict().items():
+        assert torch.equal(loaded.compvis_state_dict()[k], v), k
