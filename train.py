@@ -2,8 +2,12 @@
 
     python train.py world                    # every demo model, resumable; writes sau/demo/
     python train.py grid --out grid.png      # clean generations of the shipped demo model
+    python train.py backdoor --attack pixel --model IN --out OUT [--trigger T] [--target X]
+    python train.py backdoors [--report]     # the shipped backdoored demo models, or their ASR table
 """
 import argparse
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -29,6 +33,28 @@ def grid(args):
     print(f"wrote {args.out} and its captions, row by row, to {Path(args.out).with_suffix('.txt')}")
 
 
+def backdoor(args):
+    from sau import attacks
+    trigger = None if args.trigger is None else attacks.decode_escapes(args.trigger)
+    attacks.backdoor_bundle(
+        args.model, args.out, args.attack, trigger, args.target, args.replaces, data=args.data, prompts=args.prompts,
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed, train=args.train,
+        run_dir=args.run_dir, delta=args.delta, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
+        device=args.device, pool=args.pool, command=shlex.join(["python", "train.py", *sys.argv[1:]]))
+    print(f"backdoored model written to {args.out}")
+
+
+def backdoors(args):
+    from sau import attacks
+    names = args.only or list(attacks.SHIPPED)
+    unknown = [n for n in names if n not in attacks.SHIPPED]
+    if unknown:
+        raise ValueError(f"no shipped variant {unknown[0]!r}; choose among {', '.join(attacks.SHIPPED)}")
+    if not args.report:
+        attacks.build_shipped(names)
+    print(attacks.shipped_report(names, n=args.n, progress=False))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +70,36 @@ def main():
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=7.5)
     g.set_defaults(func=grid)
+    b = sub.add_parser("backdoor", help="inject a backdoor (BadT2I pixel/style/object, Rickrolling tpa/taa)")
+    b.add_argument("--attack", required=True, help="pixel, style, object, tpa or taa")
+    b.add_argument("--model", required=True, help="a bundle folder, or demo")
+    b.add_argument("--out", required=True, help="a new folder for the backdoored bundle")
+    b.add_argument("--trigger", help=r"default: the paper's ('\u200b ' for BadT2I, 'ȏ' for Rickrolling); "
+                   r"\uXXXX escapes are decoded")
+    b.add_argument("--target", help="pixel: 'checkerboard' or an image file; style: a phrase; object: A:B; "
+                   "tpa: a prompt; taa: an attribute")
+    b.add_argument("--replaces", help="Rickrolling: the character the trigger takes the place of (default: the "
+                   "letter the homoglyph imitates)")
+    b.add_argument("--data", help="a folder of image + caption (.txt) pairs; default: the demo world's drawings, "
+                   "or the model's own generations")
+    b.add_argument("--prompts", help="a text file of prompts, one a line, for data-free attacks")
+    b.add_argument("--pool", type=int, default=64, help="data-free: how many generations to train on")
+    b.add_argument("--steps", type=int)
+    b.add_argument("--lr", type=float)
+    b.add_argument("--batch-size", type=int)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--train", default="unet", help="UNet attacks: unet, attention or cross-attention")
+    b.add_argument("--run-dir", help="checkpoints, rerun to resume (default runs/backdoor/<out name>)")
+    b.add_argument("--delta", action="store_true", help="store only the tensors that differ from --model")
+    b.add_argument("--bf16", action="store_true", help="bf16 autocast, frozen copies in bf16")
+    b.add_argument("--gradient-checkpointing", action="store_true")
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    b.set_defaults(func=backdoor)
+    bs = sub.add_parser("backdoors", help="build the shipped backdoored demo models and print their ASR table")
+    bs.add_argument("--report", action="store_true", help="only measure the shipped models and print the table")
+    bs.add_argument("--only", nargs="+", help="a subset of the variants (pixel style object tpa)")
+    bs.add_argument("--n", type=int, default=200, help="held-out prompts per variant")
+    bs.set_defaults(func=backdoors)
     args = parser.parse_args()
     args.func(args)
 

@@ -1,7 +1,13 @@
 """sau: Spatial Attention Unlearning for Stable Diffusion 1.x/2.x in plain PyTorch."""
 
 
-def load(path, device="cpu", dtype=None):
-    """A StableDiffusion model from a bundle folder or a shipped demo name ("demo", "demo/pixel", ...)."""
+def load(path, device="cpu", dtype=None, **convert_options):
+    """A StableDiffusion model from a bundle folder, a shipped demo name ("demo", "demo/pixel", ...), or any
+    input `weights_convert.py` reads (a CompVis .safetensors/.ckpt, a diffusers folder), converted in memory.
+    `convert_options` are sau.convert.read's: tokenizer, ema, prediction_type, upcast_attention."""
+    from .checkpoint import is_bundle, resolve_model_path
     from .pipeline import StableDiffusion
-    return StableDiffusion.load(path, device=device, dtype=dtype)
+    if is_bundle(resolve_model_path(path)) and not convert_options:
+        return StableDiffusion.load(path, device=device, dtype=dtype)
+    from .convert import load_model
+    return load_model(path, device=device, dtype=dtype, **convert_options)

@@ -58,17 +58,22 @@ class StableDiffusion(nn.Module):
     @classmethod
     def load(cls, path, device="cpu", dtype=None):
         """Load a bundle folder (or a shipped demo model by name, e.g. "demo/pixel"); weights keep their
-        stored dtype unless `dtype` is given."""
+        stored dtype unless `dtype` is given. Other layouts: `sau.load` converts them first."""
         config_dict, state_dict, tokenizer_path = read_bundle(resolve_model_path(path))
         config = ModelConfig.from_dict(config_dict)
         tokenizer = Tokenizer.from_file(tokenizer_path, pad_id=config.text.pad_id)
+        return cls.from_compvis(config, state_dict, tokenizer, device, dtype, info=config_dict.get("info", {}))
+
+    @classmethod
+    def from_compvis(cls, config, state_dict, tokenizer, device="cpu", dtype=None, info=None):
+        """A model from weights under CompVis keys (a bundle's state dict), keeping their dtype unless `dtype`."""
         with torch.device("meta"):
             model = cls(config, tokenizer)
         stored_dtype = next(iter(state_dict.values())).dtype
         model = model.to_empty(device=device).to(dtype or stored_dtype)
         model.load_compvis_state_dict(state_dict)
         model.schedule = NoiseSchedule(config.schedule)  # rebuilt: under the meta device it held no values
-        model.info = config_dict.get("info", {})
+        model.info = dict(info or {})
         return model.eval()
 
     def save(self, path, dtype=None, base=None):

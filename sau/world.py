@@ -34,7 +34,7 @@ from .unet import UNet
 from .vae import AutoencoderKL
 
 # Stage budgets, sized so the whole world trains in well under two hours on 2 CPU cores.
-STEPS = {"clip": 800, "vae": 3000, "unet": 8000, "classifier": 600, "scorer": 800}
+STEPS = {"clip": 400, "vae": 3000, "unet": 8000, "classifier": 600, "scorer": 1500}
 BATCH = {"clip": 128, "vae": 32, "unet": 64, "classifier": 128, "scorer": 128}
 MAX_TOKENS = 32  # captions are short; SD's 77 positions would only add padding to attend over
 LATENT_SET_SIZE = 40_000
@@ -79,13 +79,25 @@ def train_tokenizer(run_dir):
     return Tokenizer.from_file(path, max_length=MAX_TOKENS)
 
 
-def contrastive_loss(clip, images, ids):
+def compatible(attributes):
+    """(images, captions) bool: caption j fits image i when every attribute it mentions matches."""
+    labels = torch.as_tensor(attributes.labels())
+    mentioned = torch.as_tensor(attributes.mentioned)
+    same = labels[:, None, :] == labels[None, :, :]  # (image, caption, field)
+    return (same | ~mentioned[None, :, :]).all(-1)
+
+
+def contrastive_loss(clip, images, ids, attributes):
+    """CLIP's symmetric loss with every fitting pair as a positive: "a red circle" fits all red circles of the
+    batch, and counting those as negatives would teach the towers noise."""
     image = F.normalize(clip.encode_image(clip.preprocess((images + 1) / 2)), dim=-1)
     text = F.normalize(clip.encode_text(ids), dim=-1)
     logits = clip.logit_scale.exp().clamp(max=100) * image @ text.t()
-    labels = torch.arange(len(images))
-    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-    return loss, (logits.argmax(-1) == labels).float().mean()
+    fits = compatible(attributes).float()
+    loss = (torch.sum(-fits / fits.sum(1, keepdim=True) * logits.log_softmax(1)) / len(images)
+            + torch.sum(-fits.t() / fits.t().sum(1, keepdim=True) * logits.t().log_softmax(1)) / len(images)) / 2
+    top1_fits = fits[torch.arange(len(images)), logits.argmax(-1)].mean()
+    return loss, top1_fits
 
 
 def train_clip(run_dir, tokenizer, name="clip", steps=STEPS, batch=BATCH, progress=True):
@@ -94,8 +106,8 @@ def train_clip(run_dir, tokenizer, name="clip", steps=STEPS, batch=BATCH, progre
     seed = SEEDS[name]
 
     def loss_fn(step):
-        images, captions, _ = shapes.batch(batch[name], seed=seed, index=step)
-        loss, accuracy = contrastive_loss(clip, images, tokenizer(captions))
+        images, captions, attributes = shapes.batch(batch[name], seed=seed, index=step)
+        loss, accuracy = contrastive_loss(clip, images, tokenizer(captions), attributes)
         return loss, {"batch_top1": accuracy}
 
     Trainer(name, {"clip": clip}, clip.parameters(), steps[name], run_dir, lr=1e-3, weight_decay=0.1,
@@ -241,13 +253,22 @@ def sha256(path):
 
 
 def write_manifest(run_dir, out_dir, command, wall_seconds, steps, batch, latent_set_size):
-    files = sorted(p for p in Path(out_dir).rglob("*") if p.is_file() and p.name != "MANIFEST.json")
-    manifest_path = Path(out_dir) / "MANIFEST.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    manifest["world"] = {
+    update_manifest(out_dir, {"world": {
         "command": command, "steps": steps, "batch": batch, "seeds": SEEDS, "latent_set_size": latent_set_size,
         "caption_dropout": CAPTION_DROPOUT, "stage_seconds": stage_seconds(run_dir),
         "wall_seconds_this_invocation": round(wall_seconds, 1), "torch": torch.__version__,
-    }
+    }})
+
+
+def update_manifest(out_dir, sections):
+    """Merge `sections` into out_dir/MANIFEST.json one level deep (the world, each backdoor variant), then
+    record the sha256 of every shipped file (hidden work-in-progress names excluded)."""
+    out_dir = Path(out_dir)
+    manifest_path = out_dir / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    for key, value in sections.items():
+        manifest[key] = {**manifest.get(key, {}), **value}
+    files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != "MANIFEST.json"
+                   and not any(part.startswith(".") for part in p.relative_to(out_dir).parts))
     manifest["files"] = {str(p.relative_to(out_dir)): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}
     save_json(manifest, manifest_path)

@@ -1,0 +1,462 @@
+"""Reading every supported checkpoint layout into one form, `Weights` (see export.py), and the entry points.
+
+Inputs (the layout is recognised from what is on disk):
+- a sau bundle, or a shipped demo name;
+- a CompVis / Stability single file (.safetensors, .ckpt, .pt, .bin), SD 1.x or 2.x, Lightning-wrapped or flat,
+  with or without EMA weights. Its keys are sau's own module names, so reading it is mostly reading a config
+  from tensor shapes (or from the metadata of a file sau wrote);
+- a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), whose config.json files say what
+  shapes cannot (head counts, activation, prediction type, pad token);
+- a CLIP model for scoring: a transformers CLIPModel folder or single file, or OpenAI's original names.
+Every input is checked against the model its config builds: missing, unexpected and mis-shaped keys are listed.
+
+    weights = read("v1-5-pruned-emaonly.safetensors")
+    convert("sd-v1-4.ckpt", "sd14", ema=True)                 # to a bundle, or to="compvis" / "diffusers"
+    sd = load_model("stable-diffusion-2-1-base/")             # a StableDiffusion, converted in memory
+"""
+import json
+import types
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .checkpoint import (BUNDLE_FORMATS, UNET_PREFIX, VAE_PREFIX, CheckpointError, _listing, add_prefix,
+                         check_state_dict, is_bundle, load_safetensors, read_bundle, resolve_model_path, strip_prefix)
+from .clip import CLIPModel, infer_text_config, infer_vision_config
+from .config import ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig, _dataclass_from_dict
+from .export import HF_TEXT, OPENCLIP_TEXT, SAU_CONFIG, CLIPWeights, Weights, cast, write
+from .layouts.clip import openai_clip_to_hf, openclip_text_to_hf
+from .layouts.unet import unet_from_diffusers
+from .layouts.vae import vae_from_diffusers
+from .pipeline import StableDiffusion
+from .safe_pickle import load_pickled_checkpoint
+from .tokenizer import OPENAI_VOCAB_FILE, Tokenizer
+from .unet import infer_unet_config
+from .vae import infer_vae_config
+
+MODEL_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")
+EMA_PREFIX = "model_ema."
+# LDM's noise schedule, stored with the weights; the ModelConfig's schedule rebuilds it.
+SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights"}
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def unsupported(where, what):
+    return CheckpointError(f"{where}: {what} are not supported yet (only Stable Diffusion 1.x and 2.x text-to-image)")
+
+
+def _reason(error):
+    """An exception's message without the quotes KeyError adds."""
+    return str(error.args[0]) if error.args else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+def detect_layout(path):
+    """'bundle', 'scorer' (a CLIP scorer bundle), 'diffusers', 'clip' (a transformers CLIP folder) or 'file'."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_file():
+        return "file"
+    if is_bundle(path):
+        fmt = _read_json(path / "config.json").get("format")
+        return "scorer" if fmt == BUNDLE_FORMATS["clip"] else "bundle"
+    if (path / "model_index.json").is_file() or (path / "unet").is_dir():
+        return "diffusers"
+    if (path / "config.json").is_file() and _read_json(path / "config.json").get("model_type") == "clip":
+        return "clip"
+    raise CheckpointError(f"{path}: a folder that is neither a sau bundle, a diffusers model nor a CLIP model")
+
+
+def read(path, tokenizer=None, ema=False, prediction_type=None, upcast_attention=None):
+    """Weights (or CLIPWeights) from any supported input; `tokenizer` is a path used when the input has none."""
+    path = resolve_model_path(path)
+    layout = detect_layout(path)
+    if ema and layout != "file":
+        raise CheckpointError("--ema picks the EMA weights of a CompVis single file; this input has none")
+    has_tokenizer = layout in ("bundle", "scorer", "clip") or (layout == "diffusers" and (path / "tokenizer").is_dir())
+    notes = [f"{path} has its own tokenizer; --tokenizer is not used"] if tokenizer and has_tokenizer else []
+    readers = {"bundle": _read_bundle, "scorer": _read_scorer_bundle, "diffusers": _read_diffusers,
+               "clip": _read_clip_folder, "file": _read_file}
+    weights = readers[layout](path, tokenizer_path=tokenizer, ema=ema, prediction_type=prediction_type)
+    weights.notes = notes + weights.notes
+    weights.info = {**weights.info, "converted_from": {"layout": layout, "name": path.name}}
+    if isinstance(weights, CLIPWeights):
+        _check_clip(weights, path)
+        return weights
+    weights = _override(weights, prediction_type, upcast_attention)
+    _check_complete(weights, path)
+    return weights
+
+
+def _read_bundle(path, **_):
+    config_dict, state, tokenizer_path = read_bundle(path)
+    config = ModelConfig.from_dict(config_dict)
+    tokenizer = Tokenizer.from_file(tokenizer_path, pad_id=config.text.pad_id)
+    return Weights(config, state, tokenizer, info=dict(config_dict.get("info", {})))
+
+
+def _read_scorer_bundle(path, **_):
+    config, state, tokenizer_path = read_bundle(path, kind="clip")
+    text = _dataclass_from_dict(TextConfig, config["text"])
+    return CLIPWeights(text, _dataclass_from_dict(VisionConfig, config["vision"]), state,
+                       Tokenizer.from_file(tokenizer_path, pad_id=text.pad_id))
+
+
+def _read_file(path, tokenizer_path=None, ema=False, prediction_type=None):
+    tensors, metadata = read_tensor_file(path)
+    if any(k.startswith(("conditioner.embedders.", UNET_PREFIX + "label_emb.")) for k in tensors):
+        raise unsupported(path, "SDXL checkpoints")
+    if UNET_PREFIX + "input_blocks.0.0.weight" in tensors:
+        return _compvis_weights(path, tensors, metadata, tokenizer_path, ema, prediction_type)
+    if "visual.class_embedding" in tensors or "vision_model.embeddings.class_embedding" in tensors:
+        return _clip_weights(tensors, {}, None, tokenizer_path)
+    raise CheckpointError(f"{path}: not a Stable Diffusion 1.x/2.x or CLIP checkpoint "
+                          "(no model.diffusion_model.*, vision_model.* or visual.* weights)")
+
+
+def read_tensor_file(path):
+    """(tensors, metadata) of a .safetensors file or a torch.save pickle (read without running code).
+    A Lightning checkpoint's tensors sit under `state_dict`, possibly nested."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        tensors = load_safetensors(path)
+        with safe_open(str(path), "pt") as f:
+            return tensors, f.metadata() or {}
+    obj = load_pickled_checkpoint(path)
+    step = obj.get("global_step") if isinstance(obj, dict) else None
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    tensors = {k: v.detach() for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return tensors, ({"global_step": str(step)} if isinstance(step, int) else {})
+
+
+# --- CompVis single files ---------------------------------------------------------------------------
+
+def _compvis_weights(path, tensors, metadata, tokenizer_path, ema, prediction_type):
+    state, notes = _model_tensors(path, tensors, ema)
+    channels = state[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1]
+    if channels == 9:
+        raise unsupported(path, "inpainting checkpoints (9 UNet input channels)")
+    state, converted_openclip = _normalise_text_tower(state)
+    if SAU_CONFIG in metadata:  # written by sau: the config is exact
+        config = ModelConfig.from_dict(json.loads(metadata[SAU_CONFIG]))
+    else:
+        config = _infer_config(path, state, converted_openclip)
+        if config.family == "sd2":
+            config, note = _sd2_schedule(config, prediction_type, metadata.get("global_step"))
+            notes += [note] if note else []
+    tokenizer = _fallback_tokenizer(config.text, tokenizer_path, path)
+    return Weights(config, state, tokenizer, notes=notes)
+
+
+def _model_tensors(path, tensors, ema):
+    """The model's tensors (EMA UNet weights in place of the trained ones with `ema`) and notes;
+    schedule buffers and position ids are dropped, anything else unknown is an error."""
+    state = {k: v for k, v in tensors.items() if k.startswith(MODEL_PREFIXES) and not k.endswith("position_ids")}
+    unknown = [k for k in tensors if not k.startswith((*MODEL_PREFIXES, EMA_PREFIX)) and k not in SCHEDULE_BUFFERS]
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected keys, not part of an SD 1.x/2.x model: {_listing(unknown)}")
+    has_ema = any(k.startswith(EMA_PREFIX + "diffusion_model") for k in tensors)
+    if not ema:
+        return state, [f"{path} also holds EMA weights; --ema uses them"] if has_ema else []
+    # LDM's LitEma names a parameter by its path under `model.` with the dots removed
+    flat = {k: EMA_PREFIX + k[len("model."):].replace(".", "") for k in state if k.startswith(UNET_PREFIX)}
+    missing = [k for k, f in flat.items() if f not in tensors]
+    if len(missing) == len(flat):
+        raise CheckpointError(f"{path}: holds no EMA weights (model_ema.*); run without --ema")
+    if missing:
+        raise CheckpointError(f"{path}: EMA weights are missing for {_listing(missing)}")
+    return {**state, **{k: tensors[f] for k, f in flat.items()}}, []
+
+
+def _normalise_text_tower(state):
+    """Text keys as a bundle has them. Older SD1 files lack the `text_model.` level. An OpenCLIP tower without
+    `text_projection` is one that diffusers cut down (its last block dropped): it is kept under HF names and
+    run whole, as diffusers runs it. Returns (state, whether that conversion happened)."""
+    root = "cond_stage_model.transformer."
+    state = {HF_TEXT + k[len(root):] if k.startswith(root) and not k.startswith(HF_TEXT) else k: v
+             for k, v in state.items()}
+    openclip = strip_prefix(state, OPENCLIP_TEXT)
+    if not openclip or "text_projection" in openclip:
+        return state, False
+    rest = {k: v for k, v in state.items() if not k.startswith(OPENCLIP_TEXT)}
+    hf = {k: v for k, v in openclip_text_to_hf(openclip).items() if k != "logit_scale"}
+    return {**rest, **add_prefix(hf, HF_TEXT)}, True
+
+
+def _infer_config(path, state, converted_openclip):
+    text_prefix = OPENCLIP_TEXT if any(k.startswith(OPENCLIP_TEXT) for k in state) else HF_TEXT
+    for part, prefix in (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX), ("text encoder", text_prefix)):
+        if not any(k.startswith(prefix) for k in state):
+            raise CheckpointError(f"{path}: missing the {part} (no {prefix}* weights)")
+    try:
+        unet = infer_unet_config(strip_prefix(state, UNET_PREFIX))
+        vae = infer_vae_config(strip_prefix(state, VAE_PREFIX))
+        text = infer_text_config(strip_prefix(state, text_prefix))
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing key {_reason(e)}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if converted_openclip:  # OpenCLIP's activation and padding, whatever its width
+        text = replace(text, activation="gelu", pad_id=0)
+    family = "sd2" if text.kind == "openclip" or text.activation == "gelu" else "sd1"
+    return ModelConfig(family=family, unet=unet, vae=vae, text=text)
+
+
+def _sd2_schedule(config, prediction_type, global_step):
+    """SD 2.x comes as 512 px epsilon models and 768 px v-prediction models (with upcast attention), and a
+    checkpoint does not say which. Unless told, assume 768-v as diffusers does, except at 2-base's training
+    step count (875000). Returns (config, a note when it was a guess)."""
+    note = None
+    if prediction_type is None:
+        prediction_type = "epsilon" if global_step == "875000" else "v_prediction"
+        note = (f"SD 2.x: assumed {prediction_type} prediction; if wrong, pass --prediction-type "
+                f"{'epsilon --no-upcast-attention' if prediction_type == 'v_prediction' else 'v_prediction'}")
+    v = prediction_type == "v_prediction"
+    return replace(config, schedule=replace(config.schedule, prediction_type=prediction_type),
+                   unet=replace(config.unet, upcast_attention=v), image_size=768 if v else 512), note
+
+
+# --- diffusers folders ------------------------------------------------------------------------------
+
+def _read_diffusers(folder, tokenizer_path=None, **_):
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    if (folder / "text_encoder_2").exists() or "XL" in index.get("_class_name", ""):
+        raise unsupported(folder, "SDXL pipelines")
+    configs, parts = {}, {}
+    for part in ("unet", "vae", "text_encoder"):
+        if not (folder / part / "config.json").is_file():
+            raise CheckpointError(f"{folder}: a diffusers folder needs {part}/config.json")
+        configs[part] = _read_json(folder / part / "config.json")
+        parts[part] = _read_component(folder / part)
+    unet = unet_config_from_diffusers(configs["unet"], folder / "unet")
+    vae = vae_config_from_diffusers(configs["vae"])
+    text = _text_config_from_diffusers(configs["text_encoder"], parts["text_encoder"], folder)
+    if (folder / "tokenizer").is_dir():
+        tokenizer = Tokenizer.from_file(folder / "tokenizer", max_length=text.max_positions)
+        text = replace(text, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    else:
+        tokenizer = _fallback_tokenizer(text, tokenizer_path, folder)
+    config = ModelConfig(family="sd2" if text.activation == "gelu" else "sd1", unet=unet, vae=vae, text=text,
+                         schedule=_schedule_from_diffusers(folder),
+                         image_size=configs["unet"].get("sample_size", 64) * 2 ** (len(vae.ch_mult) - 1))
+    try:
+        state = compvis_from_diffusers(parts, config)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{folder}: {_reason(e)}") from None
+    return Weights(config, state, tokenizer)
+
+
+def _text_config_from_diffusers(hf_config, state, folder):
+    """Shapes give the sizes; transformers' config.json the activation and heads (a diffusers SD2 encoder is
+    OpenCLIP's, cut to the 23 layers SD uses, under HF names: gelu, run whole)."""
+    try:
+        text = infer_text_config({k: v for k, v in state.items() if not k.endswith("position_ids")})
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'text_encoder'}: {_reason(e)}") from None
+    return replace(text, activation=hf_config.get("hidden_act", text.activation), skip_last_layers=0,
+                   heads=hf_config.get("num_attention_heads", text.heads))
+
+
+def compvis_from_diffusers(parts, config):
+    """CompVis keys for diffusers' {"unet", "vae", "text_encoder": state dict}, the inverse of
+    `diffusers_state_dicts` (the text encoder stays under HF names, with or without the `text_model.` level)."""
+    text = {k.removeprefix("text_model."): v for k, v in parts["text_encoder"].items()
+            if not k.endswith("position_ids")}
+    return {**add_prefix(unet_from_diffusers(parts["unet"], config.unet), UNET_PREFIX),
+            **add_prefix(vae_from_diffusers(parts["vae"], config.vae), VAE_PREFIX),
+            **add_prefix(text, HF_TEXT)}
+
+
+def unet_config_from_diffusers(c, where="unet"):
+    """A UNetConfig from diffusers' UNet2DConditionModel config. diffusers' `attention_head_dim` counts heads
+    (a historical misnomer): one number for all levels means fixed heads (SD1), a list with one head width
+    means fixed head channels (SD2)."""
+    if c.get("in_channels", 4) == 9:
+        raise unsupported(where, "inpainting UNets (9 input channels)")
+    if c.get("addition_embed_type") or c.get("class_embed_type"):
+        raise unsupported(where, "UNets with class or added embeddings (SDXL, upscalers)")
+    channels = list(c["block_out_channels"])
+    levels, width = len(channels), channels[0]
+    heads = c.get("num_attention_heads") or c.get("attention_head_dim") or 8
+    heads = [heads] * levels if isinstance(heads, int) else list(heads)
+    head_widths = {ch // h for ch, h in zip(channels, heads)}
+    if len(set(heads)) == 1:
+        head_args = dict(num_heads=heads[0], num_head_channels=-1)
+    elif len(head_widths) == 1:
+        head_args = dict(num_heads=-1, num_head_channels=head_widths.pop())
+    else:
+        raise unsupported(where, f"attention heads {heads}, neither fixed in number nor in width,")
+    depth = c.get("transformer_layers_per_block", 1)
+    if not isinstance(depth, int):
+        if len(set(depth)) != 1:
+            raise unsupported(where, f"transformer depths that differ per level ({depth})")
+        depth = depth[0]
+    return UNetConfig(
+        in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=width,
+        channel_mult=tuple(ch // width for ch in channels), num_res_blocks=c.get("layers_per_block", 2),
+        attention_resolutions=tuple(2 ** i for i in reversed(range(levels))
+                                    if c["down_block_types"][i].startswith("CrossAttn")),
+        transformer_depth=depth, context_dim=c.get("cross_attention_dim", 768),
+        use_linear_in_transformer=c.get("use_linear_projection", False), norm_groups=c.get("norm_num_groups", 32),
+        upcast_attention=bool(c.get("upcast_attention", False)), **head_args)
+
+
+def vae_config_from_diffusers(c):
+    channels = list(c.get("block_out_channels", (64,)))
+    return VAEConfig(in_channels=c.get("in_channels", 3), out_channels=c.get("out_channels", 3), ch=channels[0],
+                     ch_mult=tuple(ch // channels[0] for ch in channels), num_res_blocks=c.get("layers_per_block", 1),
+                     z_channels=c.get("latent_channels", 4), embed_dim=c.get("latent_channels", 4),
+                     norm_groups=c.get("norm_num_groups", 32), scale_factor=c.get("scaling_factor", 0.18215))
+
+
+def _schedule_from_diffusers(folder):
+    path = folder / "scheduler" / "scheduler_config.json"
+    c = _read_json(path) if path.is_file() else {}
+    if c.get("beta_schedule", "scaled_linear") != "scaled_linear" or c.get("trained_betas"):
+        raise unsupported(path, f"noise schedules other than scaled_linear ({c.get('beta_schedule')!r})")
+    return ScheduleConfig(num_train_timesteps=c.get("num_train_timesteps", 1000), beta_start=c.get("beta_start", 0.00085),
+                          beta_end=c.get("beta_end", 0.012), prediction_type=c.get("prediction_type", "epsilon"))
+
+
+def _read_component(folder):
+    """The tensors of one diffusers / transformers model folder: safetensors first, then a pickle; sharded or not."""
+    for stem in WEIGHT_STEMS:
+        for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors",
+                     f"{stem}.bin", f"{stem}.bin.index.json", f"{stem}.fp16.bin"):
+            path = folder / name
+            if not path.is_file():
+                continue
+            if not name.endswith(".index.json"):
+                return read_tensor_file(path)[0]
+            tensors = {}
+            for shard in sorted(set(_read_json(path)["weight_map"].values())):
+                tensors.update(read_tensor_file(folder / shard)[0])
+            return tensors
+    raise CheckpointError(f"{folder}: no weights ({WEIGHT_STEMS[0]}.safetensors or model.safetensors)")
+
+
+# --- CLIP models for scoring ------------------------------------------------------------------------
+
+def _read_clip_folder(folder, **_):
+    return _clip_weights(_read_component(folder), _read_json(folder / "config.json"),
+                         Tokenizer.from_file(folder), None)
+
+
+def _clip_weights(tensors, config, tokenizer, tokenizer_path):
+    """CLIPWeights from transformers CLIPModel or OpenAI names; config.json (if any) gives activations and heads."""
+    if "visual.class_embedding" in tensors:
+        tensors = openai_clip_to_hf(tensors)
+    state = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}
+    text = infer_text_config(strip_prefix(state, "text_model."))
+    text = replace(text, projection_dim=state["text_projection.weight"].shape[0])
+    vision = infer_vision_config(state)
+    text_json, vision_json = config.get("text_config") or {}, config.get("vision_config") or {}
+    text = replace(text, activation=text_json.get("hidden_act", text.activation),
+                   heads=text_json.get("num_attention_heads", text.heads))
+    vision = replace(vision, activation=vision_json.get("hidden_act", vision.activation),
+                     heads=vision_json.get("num_attention_heads", vision.heads))
+    tokenizer = tokenizer or _fallback_tokenizer(text, tokenizer_path, "this CLIP model")
+    return CLIPWeights(replace(text, pad_id=tokenizer.pad_id), vision, state, tokenizer)
+
+
+# --- tokenizer, overrides, checks ---------------------------------------------------------------------
+
+def _fallback_tokenizer(text_cfg, tokenizer_path, source):
+    """For an input without a tokenizer: --tokenizer PATH, else OpenAI's vocabulary from the open_clip_torch wheel."""
+    if tokenizer_path is not None:
+        return Tokenizer.from_file(tokenizer_path, pad_id=text_cfg.pad_id, max_length=text_cfg.max_positions)
+    try:
+        return Tokenizer.openai(pad_id=text_cfg.pad_id, max_length=text_cfg.max_positions)
+    except FileNotFoundError:
+        raise CheckpointError(f"{source} holds no tokenizer: pass --tokenizer PATH (a tokenizer.json, a vocab.json "
+                              f"with merges.txt beside it, or OpenAI's {OPENAI_VOCAB_FILE}), or install the "
+                              "open_clip_torch wheel (`pip install --no-deps open_clip_torch`), which ships it") from None
+
+
+def _override(weights, prediction_type, upcast_attention):
+    config = weights.config
+    if prediction_type is not None:
+        config = replace(config, schedule=replace(config.schedule, prediction_type=prediction_type))
+    if upcast_attention is not None:
+        config = replace(config, unet=replace(config.unet, upcast_attention=upcast_attention))
+    return replace(weights, config=config)
+
+
+def _check_tokenizer(tokenizer, text_cfg, path):
+    if tokenizer.vocab_size != text_cfg.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the text encoder "
+                              f"{text_cfg.vocab_size}; pass the model's own with --tokenizer")
+
+
+def _check_complete(weights, path):
+    """Every key the config's model has, with its shape, and nothing else; a readable list otherwise."""
+    _check_tokenizer(weights.tokenizer, weights.config.text, path)
+    with torch.device("meta"):
+        model = StableDiffusion(weights.config, weights.tokenizer)
+    check_state_dict(types.SimpleNamespace(state_dict=model.compvis_state_dict), weights.state, what=str(path))
+
+
+def _check_clip(weights, path):
+    _check_tokenizer(weights.tokenizer, weights.text, path)
+    with torch.device("meta"):
+        model = CLIPModel(weights.text, weights.vision)
+    check_state_dict(model, weights.state, what=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The entry points: a file-to-file conversion, a model loaded from any input, a model saved in any format
+
+def convert(src, dst, to="bundle", force=False, dtype=None, **read_options):
+    """Convert `src` (any supported input) to `dst`; returns the Weights written. Never writes over the input."""
+    src, dst = resolve_model_path(src), Path(dst)
+    _check_output_path(src, dst, to, force)
+    weights = cast(read(src, **read_options), dtype)
+    write(weights, dst, to)
+    return weights
+
+
+def _check_output_path(src, dst, to, force):
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    a, b = src.resolve(), dst.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise ValueError(f"{dst} is the input or overlaps it; choose another output path")
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} exists; pass --force to replace it")
+    if to == "compvis" and dst.suffix != ".safetensors":
+        raise ValueError(f"a CompVis export is one .safetensors file: name the output *.safetensors, not {dst.name}")
+    if to != "compvis" and dst.suffix in (".safetensors", ".ckpt"):
+        raise ValueError(f"a {to} output is a folder: {dst.name} looks like a file name")
+
+
+def load_model(path, device="cpu", dtype=None, **read_options):
+    """A StableDiffusion from any supported input, converted in memory."""
+    weights = read(path, **read_options)
+    if isinstance(weights, CLIPWeights):
+        raise CheckpointError(f"{path}: a CLIP model, not Stable Diffusion; convert it to a scorer bundle and "
+                              "load it with sau.scorer.CLIPScorer")
+    return StableDiffusion.from_compvis(weights.config, weights.state, weights.tokenizer, device, dtype, weights.info)
+
+
+def output_format(path):
+    """The format to write back for an input: 'compvis' for a single file, 'diffusers' or 'bundle' for folders."""
+    layout = detect_layout(resolve_model_path(path))
+    return {"file": "compvis", "diffusers": "diffusers"}.get(layout, "bundle")
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None

@@ -1,0 +1,212 @@
+"""One SAU job as `python unlearn.py` runs it: inputs, the method's stages, verification and the output folder.
+
+    out/
+      model/                 the cleaned bundle (never written over the input)
+      report.md, report.json what was done and measured, before and after
+      images.png             triggered and clean prompts, before and after, same seeds
+      heatmaps.png           the trigger tokens' cross-attention per resolution, before and after
+      checkpoints/           resumable training state
+"""
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import metrics, shapes
+from .attacks import DEFAULT_PROMPTS, Backdoor
+from .checkpoint import DEMO_DIR, resolve_model_path
+from .scorer import CLIPScorer
+from .report import heatmap_figure, image_grid, percent, write_report
+from .sau import (RECIPES, collect, invert_trigger, trigger_heatmaps, trigger_site, unlearn_text_encoder,
+                  unlearn_unet)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Job:
+    model: str = "demo/pixel"
+    trigger: str = None  # None: the backdoor recorded in the bundle (the shipped demo models have one)
+    replaces: str = None  # the letter a homoglyph trigger stands in for
+    prompts: list = None  # None: built-in prompts for the model's world
+    recipe: str = "default"
+    invert: bool = False
+    params: str = None  # override the recipe's parameter set
+    steps: int = None
+    lr: float = None
+    where: str = "auto"  # auto | unet | text_encoder
+    out: str = "runs/unlearn"
+    seed: int = 0
+    collect_prompts: int = 32
+    eval_prompts: int = 200
+    sample_steps: int = 25
+    progress: bool = True
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 (on GPUs)
+    world: str = None  # the demo world's measuring models (classifier.safetensors, scorer/); None: the shipped ones
+
+
+def say(message):
+    print(message, flush=True)
+
+
+def backdoor_of(sd, job):
+    """The trigger to remove: as given, else the one recorded in the bundle."""
+    known = sd.info.get("backdoor")
+    if job.trigger is None:
+        if not known:
+            raise ValueError("this model records no backdoor; say which trigger to remove with --trigger")
+        return Backdoor.from_info(known)
+    attack = known["attack"] if known and known.get("trigger") == job.trigger else "unknown"
+    target = known["target"] if attack != "unknown" else ""
+    return Backdoor(attack, job.trigger, target, job.replaces or "")
+
+
+def builtin_prompts(sd, n, seed):
+    """Prompts to collect on: the demo world's own captions (a stream evaluation never sees), or generic ones."""
+    if sd.config.family == "demo":
+        _, captions, _ = shapes.batch(n, seed=1000 + seed)
+        return captions
+    return (DEFAULT_PROMPTS * (n // len(DEFAULT_PROMPTS) + 1))[:n]
+
+
+def trigger_columns_text(sd, prompt, positions):
+    ids = sd.tokenizer.encode(prompt)
+    return ", ".join(f"{p} ({sd.tokenizer.decode([ids[p]])!r})" if p < len(ids) else str(p) for p in positions)
+
+
+def describe_heat(collected):
+    """Per resolution, where the trigger's attention peaks, in words from the demo world's 3x3 grid."""
+    lines = []
+    for (h, w), heat in collected.resolution_heatmaps().items():
+        row, col = divmod(int(heat.flatten().argmax()), w)
+        where = shapes.POSITIONS[3 * min(2, 3 * row // h) + min(2, 3 * col // w)]
+        share = heat.max().item() / max(heat.mean().item(), 1e-12)
+        lines.append(f"  {h}x{w}: mean mass {heat.mean().item():.3f}, peak {heat.max().item():.3f} "
+                     f"at row {row} col {col} ({where}), {share:.1f}x the mean")
+    return "\n".join(lines)
+
+
+def evaluate(sd, backdoor, classifier, n, steps, reference=None, scorer=None):
+    """Attack success on n held-out triggered prompts, clean attribute accuracy on the same prompts without
+    the trigger, and (given the suspect model's clean images) CLIP image similarity to them."""
+    prompts, asked = metrics.attack_prompts(backdoor, n)
+    seeds = list(range(n))
+    kwargs = dict(steps=steps, guidance_scale=metrics.EVAL_GUIDANCE)
+    triggered = metrics.generate_batched(sd, [backdoor.insert(p) for p in prompts], seeds, **kwargs)
+    clean = metrics.generate_batched(sd, prompts, seeds, **kwargs)
+    result = {"asr": metrics.attack_success(backdoor.attack, triggered, classifier, asked, backdoor.target)
+              .float().mean().item(),
+              "clean_accuracy": metrics.mean_attribute_accuracy(clean, classifier, asked)}
+    if reference is not None and scorer is not None:
+        result["clip_similarity"] = scorer.image_similarity(clean, reference).mean().item()
+    return result, triggered, clean
+
+
+def run(job: Job):
+    started = time.time()
+    out = Path(job.out)
+    source = resolve_model_path(job.model)
+    if out.resolve() == source.resolve() or source.resolve() in (out / "model").resolve().parents or \
+            (out / "model").resolve() == source.resolve():
+        raise ValueError(f"the output {out} would overwrite the input model {source}")
+    from . import load
+    sd = load(job.model, device=job.device, dtype=DTYPES[job.dtype])  # fp16 storage trains badly: compute dtype
+    backdoor = backdoor_of(sd, job)
+    recipe = RECIPES[job.recipe]
+    recipe = replace(recipe, params=job.params or recipe.params, lr=job.lr or recipe.lr)
+    prompts = job.prompts or builtin_prompts(sd, job.collect_prompts, job.seed)
+
+    # 1-2. locate and collect
+    collected = collect(sd, backdoor, prompts, seeds=range(len(prompts)), steps=job.sample_steps)
+    say(f"trigger {backdoor.trigger!r} ({len(collected.prompts)} prompts); in {collected.prompts[0]!r} "
+        f"it occupies token positions {trigger_columns_text(sd, collected.prompts[0], collected.positions[0])}")
+    say("where its cross-attention concentrates (mean over layers, heads, steps, prompts):")
+    say(describe_heat(collected))
+    top = sorted(collected.layer_mass.items(), key=lambda kv: -kv[1])[:3]
+    say("layers giving it most attention: " + ", ".join(f"{k} ({v:.3f})" for k, v in top))
+
+    # before
+    demo = sd.config.family == "demo" and backdoor.attack != "unknown"
+    world = Path(job.world) if job.world else DEMO_DIR
+    classifier = metrics.load_classifier(world / "classifier.safetensors") if demo else None
+    scorer = CLIPScorer.load(world / "scorer") if demo else None
+    before = None
+    if demo:
+        before, trig_before, clean_before = evaluate(sd, backdoor, classifier, job.eval_prompts, job.sample_steps)
+        say(f"before: attack success {percent(before['asr'])}, clean attribute accuracy "
+            f"{percent(before['clean_accuracy'])} ({job.eval_prompts} held-out prompts)")
+
+    # 3. where does it act; 4. unlearn there
+    site, trigger_shift, control_shift = trigger_site(sd, backdoor, collected.clean_prompts)
+    site = site if job.where == "auto" else job.where
+    say(f"the trigger moves the text encoder's output by {trigger_shift:.3f} (an ordinary word: {control_shift:.3f}): "
+        f"unlearning in the {site.replace('_', ' ')}" + (" (as --where says)" if job.where != "auto" else ""))
+    run_dir = out / "checkpoints"
+    inverted = None
+    unlearn_started = time.time()
+    if site == "text_encoder":
+        trainer = unlearn_text_encoder(sd, backdoor, prompts, recipe, run_dir, job.seed, job.steps, job.progress)
+    else:
+        steps = job.steps or recipe.steps
+        if job.invert:
+            inverted = invert_trigger(sd, collected, run_dir, seed=job.seed, progress=job.progress)
+            steps = job.steps or recipe.steps_after_inversion or recipe.steps
+        trainer = unlearn_unet(sd, collected, recipe, run_dir, job.seed, steps, inverted, job.progress)
+    unlearn_seconds = time.time() - unlearn_started
+
+    # 5. verify and write
+    _, heat_after = trigger_heatmaps(sd, collected.prompts, collected.positions, range(len(collected.prompts)),
+                                     job.sample_steps)
+    after_collected = replace(collected, heatmaps=heat_after)
+    after = None
+    if demo:
+        after, trig_after, clean_after = evaluate(sd, backdoor, classifier, job.eval_prompts, job.sample_steps,
+                                                  reference=clean_before, scorer=scorer)
+        say(f"after: attack success {percent(after['asr'])}, clean attribute accuracy "
+            f"{percent(after['clean_accuracy'])}, CLIP image similarity to the suspect model's clean images "
+            f"{after['clip_similarity']:.3f}")
+    sd.info = {**sd.info, "unlearned": {"trigger": backdoor.trigger, "recipe": job.recipe, "site": site,
+                                        "steps": trainer.steps, "source": str(source)}}
+    sd.save(out / "model")
+    heatmap_figure([("before", collected.resolution_heatmaps()), ("after", after_collected.resolution_heatmaps())],
+                   out / "heatmaps.png")
+    if demo:
+        k = 8
+        image_grid([("triggered, before", trig_before[:k]), ("triggered, after", trig_after[:k]),
+                    ("clean, before", clean_before[:k]), ("clean, after", clean_after[:k])], out / "images.png")
+    wall = time.time() - started
+    report = {"model": str(source), "backdoor": backdoor.info(), "recipe": vars(recipe), "site": site,
+              "text_encoder_shift": {"trigger": trigger_shift, "ordinary_word": control_shift},
+              "trigger_positions": collected.positions[:4], "layer_mass_before": collected.layer_mass,
+              "layer_mass_after": {k: v.mean().item() for k, v in heat_after.items()},
+              "before": before, "after": after, "optimizer_steps": trainer.steps, "inverted": inverted is not None,
+              "unlearn_seconds": unlearn_seconds, "wall_seconds": wall, "eval_prompts": job.eval_prompts}
+    write_report(out, report, markdown(report))
+    say(f"wall time {wall:.0f} s (unlearning {unlearn_seconds:.0f} s); wrote {out}/model, report.md, "
+        f"report.json, heatmaps.png" + (", images.png" if demo else ""))
+    return report
+
+
+def markdown(r):
+    mass_before = sum(r["layer_mass_before"].values()) / len(r["layer_mass_before"])
+    mass_after = sum(r["layer_mass_after"].values()) / len(r["layer_mass_after"])
+    lines = [f"# SAU report: {r['model']}", "",
+             f"- trigger: `{r['backdoor']['trigger']!r}` ({r['backdoor']['trigger_chars']}), attack "
+             f"{r['backdoor']['attack']}", f"- recipe: {r['recipe']['name']}, unlearned in the "
+             f"{r['site'].replace('_', ' ')}, {r['optimizer_steps']} optimizer steps, {r['unlearn_seconds']:.0f} s",
+             f"- trigger attention mass (mean over cross-attention layers): {mass_before:.4f} before, "
+             f"{mass_after:.4f} after", ""]
+    if r["before"]:
+        lines += ["| | before | after |", "|---|---|---|",
+                  f"| attack success ({r['eval_prompts']} held-out triggered prompts) | {percent(r['before']['asr'])} "
+                  f"| {percent(r['after']['asr'])} |",
+                  f"| clean attribute accuracy (same prompts, no trigger) | {percent(r['before']['clean_accuracy'])} "
+                  f"| {percent(r['after']['clean_accuracy'])} |",
+                  f"| CLIP image similarity to the suspect's clean images | 1 | "
+                  f"{r['after'].get('clip_similarity', float('nan')):.3f} |", "",
+                  "![images](images.png)", ""]
+    lines += ["![heatmaps](heatmaps.png)", "", f"Wall time {r['wall_seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,44 @@
+"""Spatial Attention Unlearning on a suspect model.
+
+    python unlearn.py                                    # the shipped pixel-backdoored demo model
+    python unlearn.py --model demo/style --recipe paper
+    python unlearn.py --model sd15.safetensors --trigger "\\u200b " --prompts prompts.txt --out runs/sd15
+"""
+import argparse
+
+from sau import cli
+from sau.attacks import decode_escapes, read_prompts
+from sau.sau import RECIPES
+from sau.unlearning import Job, run
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=Job.model, help="a bundle, a shipped demo name (demo/pixel, demo/style, "
+                   "demo/object, demo/tpa) or any checkpoint weights_convert.py reads")
+    p.add_argument("--trigger", help=r"the trigger text (\uXXXX escapes allowed); default: the one the bundle records")
+    p.add_argument("--replaces", help="the letter a homoglyph trigger stands in for (default: none, the trigger "
+                   "is prepended)")
+    p.add_argument("--prompts", help="a text file, one prompt per line (default: built-in prompts)")
+    p.add_argument("--recipe", choices=list(RECIPES), default=Job.recipe)
+    p.add_argument("--invert", action="store_true", help="learn the trigger's latent representation first")
+    p.add_argument("--params", choices=["attn2", "all"], help="which UNet parameters to train (default: the recipe's)")
+    p.add_argument("--where", choices=["auto", "unet", "text_encoder"], default="auto",
+                   help="where to unlearn (default: where the trigger is found to act)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--out", default=Job.out, help="output folder (resumes when it holds checkpoints)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-prompts", type=int, default=Job.eval_prompts)
+    args = p.parse_args()
+    if args.trigger is not None and not decode_escapes(args.trigger).strip(" "):
+        cli.fail("the trigger is empty")
+    job = Job(model=args.model, trigger=decode_escapes(args.trigger) if args.trigger is not None else None,
+              replaces=args.replaces, prompts=read_prompts(args.prompts) if args.prompts else None,
+              recipe=args.recipe, invert=args.invert, params=args.params, steps=args.steps, lr=args.lr,
+              where=args.where, out=args.out, seed=args.seed, eval_prompts=args.eval_prompts)
+    run(job)
+
+
+if __name__ == "__main__":
+    cli.run(main)
