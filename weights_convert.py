@@ -25,8 +25,8 @@ def main(argv=None):
     parser.add_argument("output", help="a folder (bundle, diffusers) or a .safetensors file (compvis)")
     parser.add_argument("--to", choices=FORMATS, default="bundle", help="output format (default: bundle)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights of a CompVis checkpoint")
-    parser.add_argument("--tokenizer", help="tokenizer.json, vocab.json (+ merges.txt) or bpe_simple_vocab_16e6.txt.gz, "
-                                            "for inputs without one (default: the open_clip_torch wheel's)")
+    parser.add_argument("--tokenizer", help="for inputs without one: tokenizer.json, vocab.json (+ merges.txt) or "
+                                            "bpe_simple_vocab_16e6.txt.gz (default: the open_clip_torch wheel's)")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                         help="what the UNet predicts; SD 2.x-768-v models predict v_prediction")
     parser.add_argument("--upcast-attention", action=argparse.BooleanOptionalAction, default=None,

@@ -5,9 +5,9 @@ def load(path, device="cpu", dtype=None, **convert_options):
     """A StableDiffusion model from a bundle folder, a shipped demo name ("demo", "demo/pixel", ...), or any
     input `weights_convert.py` reads (a CompVis .safetensors/.ckpt, a diffusers folder), converted in memory.
     `convert_options` are sau.convert.read's: tokenizer, ema, prediction_type, upcast_attention."""
-    from .checkpoint import is_bundle, resolve_model_path
+    from .checkpoint import resolve_model_path
+    from .convert import detect_layout, load_model
     from .pipeline import StableDiffusion
-    if is_bundle(resolve_model_path(path)) and not convert_options:
+    if detect_layout(resolve_model_path(path)) == "bundle" and not convert_options:
         return StableDiffusion.load(path, device=device, dtype=dtype)
-    from .convert import load_model
     return load_model(path, device=device, dtype=dtype, **convert_options)

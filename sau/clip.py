@@ -370,12 +370,25 @@ class CLIPModel(nn.Module):
 
 
 def init_weights(module):
-    """Small normal weights and zero biases (LayerNorms keep ones and zeros): a trainable start for the
-    demo world's towers. Parameters outside Linear/Embedding/Conv2d are initialised where they are made."""
-    if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+    """A trainable start for the demo world's towers: Linear and conv weights with std fan_in^-0.5 (CLIP's own
+    scale), embeddings with std 0.02 (the vision tower's class and position embeddings: width^-0.5), zero
+    biases, LayerNorms as made. With a uniform std of 0.02 instead, a small tower's outputs start almost
+    identical for every input and contrastive training stalls."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.normal_(module.weight, std=(module.in_channels * module.kernel_size[0] * module.kernel_size[1]) ** -0.5)
+    elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
+    elif isinstance(module, VisionEmbeddings):
+        width = module.class_embedding.shape[0]
+        nn.init.normal_(module.class_embedding, std=width ** -0.5)
+        nn.init.normal_(module.position_embedding.weight, std=width ** -0.5)
+        return
+    else:
+        return
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
 
 
 # ---------------------------------------------------------------------------------------------------

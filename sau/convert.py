@@ -65,8 +65,8 @@ def detect_layout(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_file():
         return "file"
-    if is_bundle(path):
-        fmt = _read_json(path / "config.json").get("format")
+    fmt = _read_json(path / "config.json").get("format") if is_bundle(path) else None
+    if fmt in BUNDLE_FORMATS.values():
         return "scorer" if fmt == BUNDLE_FORMATS["clip"] else "bundle"
     if (path / "model_index.json").is_file() or (path / "unet").is_dir():
         return "diffusers"
@@ -219,9 +219,11 @@ def _sd2_schedule(config, prediction_type, global_step):
     step count (875000). Returns (config, a note when it was a guess)."""
     note = None
     if prediction_type is None:
-        prediction_type = "epsilon" if global_step == "875000" else "v_prediction"
-        note = (f"SD 2.x: assumed {prediction_type} prediction; if wrong, pass --prediction-type "
-                f"{'epsilon --no-upcast-attention' if prediction_type == 'v_prediction' else 'v_prediction'}")
+        base = global_step == "875000"
+        prediction_type = "epsilon" if base else "v_prediction"
+        note = ("SD 2.x at training step 875000: assumed the 512 px base model (epsilon prediction); if it is a "
+                "768-v model, pass --prediction-type v_prediction" if base else
+                "SD 2.x: assumed the 768 px v-prediction model; for a 512 px base model pass --prediction-type epsilon")
     v = prediction_type == "v_prediction"
     return replace(config, schedule=replace(config.schedule, prediction_type=prediction_type),
                    unet=replace(config.unet, upcast_attention=v), image_size=768 if v else 512), note
@@ -325,7 +327,8 @@ def _schedule_from_diffusers(folder):
     c = _read_json(path) if path.is_file() else {}
     if c.get("beta_schedule", "scaled_linear") != "scaled_linear" or c.get("trained_betas"):
         raise unsupported(path, f"noise schedules other than scaled_linear ({c.get('beta_schedule')!r})")
-    return ScheduleConfig(num_train_timesteps=c.get("num_train_timesteps", 1000), beta_start=c.get("beta_start", 0.00085),
+    return ScheduleConfig(num_train_timesteps=c.get("num_train_timesteps", 1000),
+                          beta_start=c.get("beta_start", 0.00085),
                           beta_end=c.get("beta_end", 0.012), prediction_type=c.get("prediction_type", "epsilon"))
 
 
@@ -379,9 +382,10 @@ def _fallback_tokenizer(text_cfg, tokenizer_path, source):
     try:
         return Tokenizer.openai(pad_id=text_cfg.pad_id, max_length=text_cfg.max_positions)
     except FileNotFoundError:
-        raise CheckpointError(f"{source} holds no tokenizer: pass --tokenizer PATH (a tokenizer.json, a vocab.json "
-                              f"with merges.txt beside it, or OpenAI's {OPENAI_VOCAB_FILE}), or install the "
-                              "open_clip_torch wheel (`pip install --no-deps open_clip_torch`), which ships it") from None
+        how = (f"pass --tokenizer PATH (a tokenizer.json, a vocab.json with merges.txt beside it, or OpenAI's "
+               f"{OPENAI_VOCAB_FILE}), or install the open_clip_torch wheel, which ships the last "
+               "(`pip install --no-deps open_clip_torch`)")
+        raise CheckpointError(f"{source} holds no tokenizer: {how}") from None
 
 
 def _override(weights, prediction_type, upcast_attention):

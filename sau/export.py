@@ -140,7 +140,8 @@ def diffusers_configs(config):
     channels = [u.model_channels * m for m in u.channel_mult]
     attention = [2 ** i in u.attention_resolutions for i in range(levels)]
     version = {"_diffusers_version": DIFFUSERS_VERSION}
-    unet = {"_class_name": "UNet2DConditionModel", **version, "sample_size": config.image_size // 2 ** (len(v.ch_mult) - 1),
+    latent_size = config.image_size // 2 ** (len(v.ch_mult) - 1)
+    unet = {"_class_name": "UNet2DConditionModel", **version, "sample_size": latent_size,
             "in_channels": u.in_channels, "out_channels": u.out_channels, "block_out_channels": channels,
             "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
             "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],

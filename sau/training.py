@@ -83,6 +83,7 @@ class Trainer:
         if self.resume():
             return
         good = {k: {n: t.clone() for n, t in m.state_dict().items()} for k, m in self.modules.items()}
+        good_step = self.step
         bar = tqdm(total=self.steps, initial=self.step, desc=self.name, disable=not progress, dynamic_ncols=True)
         started = time.time()
         while self.step < self.steps:
@@ -95,7 +96,8 @@ class Trainer:
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 for k, m in self.modules.items():
                     m.load_state_dict(good[k])
-                raise NonFiniteLoss(f"{self.name}: non-finite loss at step {self.step}; kept the last good weights")
+                raise NonFiniteLoss(f"{self.name}: non-finite loss or gradient at step {self.step}; stopped and kept "
+                                    f"the last good weights (step {good_step}); try a smaller learning rate")
             self.optimizer.step()
             self.step += 1
             bar.update(1)
@@ -105,6 +107,7 @@ class Trainer:
                            "elapsed_s": round(time.time() - started, 1), **{k: float(v) for k, v in logs.items()}})
             if self.step % self.save_every == 0 or self.step == self.steps:
                 good = {k: {n: t.clone() for n, t in m.state_dict().items()} for k, m in self.modules.items()}
+                good_step = self.step
                 self.save()
         bar.close()
 

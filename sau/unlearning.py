@@ -117,6 +117,9 @@ def run(job: Job):
     backdoor = backdoor_of(sd, job)
     recipe = RECIPES[job.recipe]
     recipe = replace(recipe, params=job.params or recipe.params, lr=job.lr or recipe.lr)
+    if job.prompts is not None and not any(backdoor.trigger in p for p in job.prompts):
+        raise ValueError(f"the trigger {backdoor.trigger!r} is absent from every prompt given; give triggered prompts "
+                         "(or none, to use built-in prompts with the trigger inserted)")
     prompts = job.prompts or builtin_prompts(sd, job.collect_prompts, job.seed)
 
     # 1-2. locate and collect

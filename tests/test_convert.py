@@ -22,7 +22,7 @@ from sau.checkpoint import CheckpointError
 from sau.cli import run
 from sau.config import sd1, sd2
 from sau.ddim import initial_noise
-from sau.export import OPENCLIP_TEXT, Weights, compvis_state, diffusers_state_dicts
+from sau.export import OPENCLIP_TEXT, Weights, compvis_state, diffusers_configs, diffusers_state_dicts
 from sau.pipeline import StableDiffusion
 from sau.scorer import CLIPScorer
 from sau.tokenizer import Tokenizer
@@ -79,7 +79,8 @@ def write_clip_vocab(folder, pad):
     merges = json.loads(ours.backend.to_str())["model"]["merges"]
     lines = [m if isinstance(m, str) else " ".join(m) for m in merges]
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
-    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad)
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad,
+                                        model_max_length=77)
 
 
 def tiny_pipeline(style, folder):
@@ -105,14 +106,31 @@ def tiny_pipeline(style, folder):
     return pipe
 
 
+BUILT = {}
+
+
+def built(style, tmp_path_factory):
+    """(style, diffusers pipeline, its saved folder, the bundle weights_convert.py made of it), built once."""
+    if style not in BUILT:
+        root = tmp_path_factory.mktemp(style)
+        pipe = tiny_pipeline(style, root / "diffusers")
+        assert cli(root / "diffusers", root / "bundle") == 0
+        BUILT[style] = types.SimpleNamespace(style=style, pipe=pipe, folder=root / "diffusers",
+                                             bundle=root / "bundle", root=root)
+    return BUILT[style]
+
+
 @pytest.fixture(scope="module", params=list(STYLES))
 def tiny(request, tmp_path_factory):
-    """(style, diffusers pipeline, its saved folder, the bundle weights_convert.py made of it)."""
-    root = tmp_path_factory.mktemp(request.param)
-    pipe = tiny_pipeline(request.param, root / "diffusers")
-    assert cli(root / "diffusers", root / "bundle") == 0
-    return types.SimpleNamespace(style=request.param, pipe=pipe, folder=root / "diffusers", bundle=root / "bundle",
-                                 root=root)
+    return built(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def compvis(tmp_path_factory):
+    """The SD1-style model as a CompVis state dict, the layout of original SD checkpoints."""
+    sd = built("sd1", tmp_path_factory)
+    assert cli(sd.bundle, sd.root / "sd1.safetensors", "--to", "compvis", "--force") == 0
+    return load_file(sd.root / "sd1.safetensors")
 
 
 def diffusers_image(pipe, seed=0):
@@ -235,8 +253,22 @@ def test_full_size_layouts_convert_both_ways_with_no_key_left_over(family):
         references = {"unet": diffusers.UNet2DConditionModel(**unet_kw), "vae": diffusers.AutoencoderKL(**SD_VAE),
                       "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_kw))}
     original = model.compvis_state_dict()
+    # configs: read from the CompVis shapes, read from diffusers' configs, and written as diffusers' configs
+    inferred = conv._infer_config("sd", *conv._normalise_text_tower(original))
+    assert (inferred.family, inferred.unet, inferred.vae, inferred.text) == (family, config.unet, config.vae,
+                                                                             config.text)
+    assert conv.unet_config_from_diffusers(dict(references["unet"].config)) == config.unet
+    assert conv.vae_config_from_diffusers(dict(references["vae"].config)) == config.vae
+    written = diffusers_configs(config)
+    with torch.device("meta"):
+        references["unet (from our config.json)"] = diffusers.UNet2DConditionModel.from_config(written["unet"])
+        references["vae (from our config.json)"] = diffusers.AutoencoderKL.from_config(written["vae"])
+        references["text_encoder (from our config.json)"] = transformers.CLIPTextModel(
+            transformers.CLIPTextConfig(**written["text_encoder"]))
+
     parts = diffusers_state_dicts(Weights(config, original, tokenizer))
     for name, reference in references.items():
+        name = name.split(" ")[0]
         ours = parts[name] if name != "text_encoder" else {k.removeprefix("text_model."): v
                                                             for k, v in parts[name].items()}
         expected = {k.removeprefix("text_model."): v for k, v in reference.state_dict().items()
@@ -253,3 +285,178 @@ def test_full_size_layouts_convert_both_ways_with_no_key_left_over(family):
         dropped |= {OPENCLIP_TEXT + "text_projection", OPENCLIP_TEXT + "logit_scale"}
         assert len(dropped) == 14
     assert shapes(back) == {k: v for k, v in shapes(original).items() if k not in dropped}
+
+
+# ---------------------------------------------------------------------------------------------------
+# .ckpt files are pickles: read without running code
+
+def bundle_state(folder):
+    return load_file(Path(folder) / "model.safetensors")
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.exec", "subprocess.call"])
+def test_a_ckpt_whose_pickle_would_run_code_is_refused_without_running_it(compvis, tmp_path, capsys, payload):
+    marker = tmp_path / "the-payload-ran"
+    call = {"os.system": (__import__("os").system, (f"touch {marker}",)),
+            "builtins.exec": (exec, (f"open({str(marker)!r}, 'w').close()",)),
+            "subprocess.call": (subprocess.call, (["touch", str(marker)],))}[payload]
+
+    class Payload:
+        def __reduce__(self):
+            return call
+
+    torch.save({"state_dict": compvis, "callbacks": Payload()}, tmp_path / "evil.ckpt")
+    assert cli(tmp_path / "evil.ckpt", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and payload.split(".")[1] in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def lightning_modules(monkeypatch):
+    """A stand-in `pytorch_lightning` package, present only while the checkpoint is saved."""
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    checkpoint_class = type("ModelCheckpoint", (), {"__module__": names[-1]})
+    sys.modules[names[-1]].ModelCheckpoint = checkpoint_class
+    return names, checkpoint_class
+
+
+def test_a_lightning_ckpt_with_ema_and_metadata_loads(compvis, tmp_path, monkeypatch, capsys):
+    names, checkpoint_class = lightning_modules(monkeypatch)
+    unet_keys = [k for k in compvis if k.startswith("model.diffusion_model.")]
+    ema = {"model_ema." + k[len("model."):].replace(".", ""): compvis[k] + 1 for k in unet_keys}
+    state = {**compvis, **ema, "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7),
+             "betas": torch.linspace(0.00085, 0.012, 1000), "alphas_cumprod": torch.rand(1000)}
+    torch.save({"epoch": 3, "global_step": 470000, "pytorch-lightning_version": "1.4.2", "state_dict": state,
+                "callbacks": {checkpoint_class: {"best_model_score": torch.tensor(0.5), "dirpath": "logs"}},
+                "hyper_parameters": argparse.Namespace(lr=1e-4), "lr_schedulers": [],
+                "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-4}]}]}, tmp_path / "model.ckpt")
+    for name in names:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(Exception):  # the Lightning class is why weights_only loading refuses it
+        torch.load(tmp_path / "model.ckpt", weights_only=True)
+
+    assert cli(tmp_path / "model.ckpt", tmp_path / "plain") == 0
+    assert "--ema" in capsys.readouterr().out  # the note says EMA weights are there
+    assert cli(tmp_path / "model.ckpt", tmp_path / "ema", "--ema") == 0
+    plain, with_ema = bundle_state(tmp_path / "plain"), bundle_state(tmp_path / "ema")
+    assert plain.keys() == with_ema.keys() == compvis.keys()
+    for k, v in compvis.items():
+        assert torch.equal(plain[k], v), k
+        assert torch.equal(with_ema[k], v + 1 if k in unet_keys else v), k
+    assert "pytorch_lightning" not in sys.modules  # stubbed, never imported
+
+    torch.save(compvis, tmp_path / "flat.ckpt")  # a flat, tensors-only pickle takes torch's weights_only path
+    assert cli(tmp_path / "flat.ckpt", tmp_path / "flat") == 0
+    assert all(torch.equal(bundle_state(tmp_path / "flat")[k], v) for k, v in compvis.items())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line, exit status 2, nothing written
+
+def bad_inputs(compvis, tmp):
+    """name -> (command-line arguments, a phrase the error must contain)."""
+    out = tmp / "out"
+    good = tmp / "good.safetensors"
+    save_file(compvis, good)
+    (tmp / "truncated.safetensors").write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    (tmp / "notes.ckpt").write_text("not a checkpoint\n")
+    save_file({"foo.weight": torch.zeros(2)}, tmp / "foo.safetensors")
+    sdxl = {**compvis, "conditioner.embedders.0.transformer.text_model.final_layer_norm.bias": torch.zeros(2)}
+    save_file(sdxl, tmp / "sdxl.safetensors")
+    inpainting = dict(compvis)
+    inpainting["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
+    save_file(inpainting, tmp / "inpainting.safetensors")
+    dropped = ["first_stage_model.decoder.conv_out.bias",
+               "cond_stage_model.transformer.text_model.final_layer_norm.bias"]
+    save_file({k: v for k, v in compvis.items() if k not in dropped}, tmp / "incomplete.safetensors")
+    out.mkdir()
+    return {
+        "missing file": ([tmp / "nope.safetensors", tmp / "new"], "no such file"),
+        "truncated": ([tmp / "truncated.safetensors", tmp / "new"], "not a readable safetensors file"),
+        "not a checkpoint": ([tmp / "notes.ckpt", tmp / "new"], "not a readable PyTorch checkpoint"),
+        "foreign tensors": ([tmp / "foo.safetensors", tmp / "new"], "not a Stable Diffusion 1.x/2.x or CLIP"),
+        "sdxl": ([tmp / "sdxl.safetensors", tmp / "new"], "SDXL checkpoints are not supported yet"),
+        "inpainting": ([tmp / "inpainting.safetensors", tmp / "new"], "inpainting checkpoints"),
+        "missing keys": ([tmp / "incomplete.safetensors", tmp / "new"], "missing 2 (" + ", ".join(sorted(dropped))),
+        "existing output": ([good, out], "exists; pass --force"),
+        "output is the input": ([good, good, "--force"], "is the input"),
+        "compvis needs a file name": ([good, tmp / "new", "--to", "compvis"], "*.safetensors"),
+        "unknown option": ([good, tmp / "new", "--to", "onnx"], "invalid choice"),
+    }
+
+
+BAD = ["missing file", "truncated", "not a checkpoint", "foreign tensors", "sdxl", "inpainting", "missing keys",
+       "existing output", "output is the input", "compvis needs a file name", "unknown option"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_gets_one_line_and_exit_2_and_nothing_is_written(compvis, tmp_path, capsys, case):
+    args, phrase = bad_inputs(compvis, tmp_path)[case]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and phrase in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no output, no temporary leftovers
+
+
+def test_the_command_line_tool_prints_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "weights_convert.py"), str(tmp_path / "nope.ckpt"),
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.ckpt'}: no such file or folder"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where the tokenizer comes from
+
+def test_tokenizer_comes_from_the_flag_or_the_wheel_or_a_message_says_how(compvis, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    save_file(compvis, path)  # no metadata: a file some other tool wrote
+    vocab = BUILT["sd1"].root / "sd1-vocab" / "vocab.json"
+    assert cli(path, tmp_path / "flag", "--tokenizer", vocab) == 0
+    assert cli(path, tmp_path / "wheel") == 0
+    ids = [Tokenizer.from_file(tmp_path / name / "tokenizer.json")([PROMPT]) for name in ("flag", "wheel")]
+    assert torch.equal(ids[0], ids[1]) and ids[0][0, :3].tolist() == [49406, 320, 736]
+
+    def no_wheel(cls, **_):
+        raise FileNotFoundError("no open_clip_torch")
+    monkeypatch.setattr(Tokenizer, "openai", classmethod(no_wheel))
+    capsys.readouterr()
+    assert cli(path, tmp_path / "none") == 2
+    err = capsys.readouterr().err
+    assert "holds no tokenizer: pass --tokenizer PATH" in err and "open_clip_torch" in err
+    assert not (tmp_path / "none").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLIP models for scoring
+
+def test_a_clip_model_converts_to_a_scorer_bundle(tmp_path):
+    text = dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    model = perturb(transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                                   projection_dim=16)), 5)
+    folder = tmp_path / "clip"
+    model.save_pretrained(folder)
+    write_clip_vocab(folder, "<|endoftext|>")
+    assert cli(folder, tmp_path / "scorer") == 0
+    scorer = CLIPScorer.load(tmp_path / "scorer")
+    ids = scorer.tokenizer([PROMPT, "a green star"])
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(input_ids=ids, pixel_values=pixels)
+        text_features = torch.nn.functional.normalize(scorer.clip.encode_text(ids), dim=-1)
+        image_features = torch.nn.functional.normalize(scorer.clip.encode_image(pixels), dim=-1)
+    assert max_diff(text_features, reference.text_embeds) < 1e-5
+    assert max_diff(image_features, reference.image_embeds) < 1e-5
+    assert {v.dtype for v in bundle_state(tmp_path / "scorer").values()} == {torch.float32}  # kept as stored
+    # the weights file alone (no config, no tokenizer) converts with --tokenizer
+    assert cli(folder / "model.safetensors", tmp_path / "from-file", "--tokenizer", folder / "vocab.json") == 0
+    a, b = bundle_state(tmp_path / "scorer"), bundle_state(tmp_path / "from-file")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert cli(folder, tmp_path / "no.safetensors", "--to", "compvis") == 2  # a scorer has no SD export

@@ -1,28 +1,17 @@
 """The model bundle end to end on a tiny random model: text -> image, determinism, save/load, strict loading."""
-from dataclasses import replace
-
 import pytest
 import torch
 from PIL import Image
 
-from sau import shapes
 from sau.checkpoint import CheckpointError, load_strict
-from sau.config import tiny
 from sau.pipeline import StableDiffusion, save_images
-from sau.tokenizer import Tokenizer
 
 PROMPTS = ["a red circle", "a big blue square in the top left", "green star, centered"]
 
 
 @pytest.fixture(scope="module")
-def sd():
-    _, captions, _ = shapes.batch(300, seed=0)
-    tokenizer = Tokenizer.train(captions, vocab_size=640, max_length=16)
-    cfg = tiny()
-    cfg = replace(cfg, text=replace(cfg.text, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
-                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
-    torch.manual_seed(0)
-    return StableDiffusion(cfg, tokenizer).eval()
+def sd(tiny_sd):
+    return tiny_sd
 
 
 def generate(sd, prompts, seeds, **kw):

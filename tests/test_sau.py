@@ -1,0 +1,140 @@
+"""SAU's stages on tiny random models and the real CLIP vocabulary; unlearn.py's bad-input handling."""
+import json
+from dataclasses import replace
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sau.attacks import Backdoor
+from sau.sau import (RECIPES, aligned_positions, alignment, collect, locate, text_encoder_shift, triggered_pairs,
+                     unlearn_text_encoder, unlearn_unet)
+from sau.tokenizer import Tokenizer
+
+from conftest import make_tiny_sd
+
+ROOT = Path(__file__).resolve().parent.parent
+ZW = Backdoor("pixel", "\u200b ", "checkerboard")
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer():
+    return Tokenizer.openai()
+
+
+@pytest.mark.parametrize("backdoor, prompt, expected", [
+    (ZW, "a photo of a cat", ["\u200b"]),
+    (Backdoor("tpa", "ȏ", "x", "o"), "a photo of a cat", None),  # a homoglyph inside "photo"
+    (Backdoor("tpa", "ଠ", "x", "o"), "a dog on a boat", None),
+    (Backdoor("pixel", "mignneko", "x"), "a cat mignneko on a sofa", ["mign", "neko"]),  # several tokens, mid-prompt
+    (Backdoor("pixel", "Ѵ", "x"), "a cat on a sofa Ѵ", ["ѵ"]),  # at the end, lowercased by CLIP's cleanup
+])
+def test_locate_finds_tricky_triggers(clip_tokenizer, backdoor, prompt, expected):
+    (triggered,), (clean,) = triggered_pairs(backdoor, [prompt])
+    assert clean == prompt.replace(backdoor.trigger, "").replace("  ", " ").strip() or backdoor.trigger not in prompt
+    _, (positions,) = locate(clip_tokenizer, [triggered], backdoor.trigger)
+    ids = clip_tokenizer.encode(triggered)
+    pieces = clip_tokenizer.decode([ids[p] for p in positions])  # together: a homoglyph's bytes span tokens
+    assert positions == sorted(positions) and positions[0] >= 1
+    if expected is not None:
+        assert pieces.replace(" ", "") == "".join(expected)
+    else:  # the homoglyph's bytes are among the tokens found, and nothing outside its word is
+        word = next(w for w in triggered.split() if backdoor.trigger in w)
+        assert backdoor.trigger in pieces.replace(" ", "") and pieces.replace(" ", "") in word.lower()
+
+
+def test_locate_rejects_empty_and_absent_triggers(clip_tokenizer):
+    with pytest.raises(ValueError, match="empty"):
+        locate(clip_tokenizer, ["a cat"], "")
+    with pytest.raises(ValueError, match="occupies no token"):
+        locate(clip_tokenizer, ["a cat", "a dog"], "zebra")
+
+
+def test_alignment_pairs_prefix_suffix_and_padding():
+    # prepended trigger: [bos, T, a, b, eos] vs [bos, a, b, eos]
+    assert aligned_positions([0, 9, 1, 2, 5], [0, 1, 2, 5], 7) == [(0, 0), (2, 1), (3, 2), (4, 3), (5, 4), (6, 5)]
+    # a homoglyph splits one word in three tokens: [bos, a, x1, x2, x3, c, eos] vs [bos, a, w, c, eos]
+    pairs = aligned_positions([0, 1, 7, 8, 9, 3, 5], [0, 1, 2, 3, 5], 8)
+    assert pairs == [(0, 0), (1, 1), (4, 2), (5, 3), (6, 4), (7, 5)]
+
+
+def test_unlearning_suppresses_the_trigger_attention_on_a_tiny_model(tmp_path):
+    sd = make_tiny_sd(seed=1)
+    prompts = ["a red circle", "a big blue square in the top left", "green star, centered", "a small yellow cross"]
+    collected = collect(sd, ZW, prompts * 2, seeds=range(8), steps=4, guidance_scale=3.0)
+    # bos, then the zero-width space's tokens (its three UTF-8 bytes, unless the tokenizer merged them)
+    assert all(p == collected.positions[0] and p[0] == 1 for p in collected.positions)
+    recipe = replace(RECIPES["default"], lr=3e-3)  # a random model: a bigger step than on a trained one
+    trainer = unlearn_unet(sd, collected, recipe, tmp_path, steps=40, progress=False)
+    log = [json.loads(line) for line in trainer.log_path.read_text().splitlines()]
+    assert log[-1]["attention"] < 0.5 * log[0]["attention"]
+    after = collect(sd, ZW, prompts * 2, seeds=range(8), steps=4, guidance_scale=3.0)
+    before_mass = sum(collected.layer_mass.values())
+    assert sum(after.layer_mass.values()) < 0.5 * before_mass
+    only_attn2 = {n for n, p in sd.unet.named_parameters()}
+    assert only_attn2  # the run left the model frozen and in eval mode again
+    assert not any(p.requires_grad for p in sd.unet.parameters()) and not sd.unet.training
+
+
+def test_unlearning_touches_only_the_chosen_parameters(tmp_path):
+    sd = make_tiny_sd(seed=2)
+    before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    collected = collect(sd, ZW, ["a red circle", "a blue star"], seeds=range(2), steps=3, guidance_scale=3.0)
+    unlearn_unet(sd, collected, RECIPES["default"], tmp_path, steps=3, progress=False)
+    changed = {k for k, v in sd.unet.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".attn2." in k for k in changed)
+
+
+def test_text_encoder_route_pulls_triggered_prompts_to_clean_ones(tmp_path):
+    sd = make_tiny_sd(seed=3)
+    backdoor = Backdoor("tpa", "ȏ", "a red circle", "o")
+    prompts = ["a blue square on the bottom", "a green cross at the top", "a big orange circle", "a star on gray"]
+    shift_before = text_encoder_shift(sd, backdoor, prompts)
+    unlearn_text_encoder(sd, backdoor, prompts, replace(RECIPES["default"], text_lr=1e-3), tmp_path, steps=60,
+                         progress=False)
+    assert text_encoder_shift(sd, backdoor, prompts) < 0.5 * shift_before
+    triggered, clean = triggered_pairs(backdoor, prompts)
+    assert all("ȏ" in t and "ȏ" not in c for t, c in zip(triggered, clean))
+    assert len(alignment(sd.tokenizer, triggered, clean)) == len(prompts)
+
+
+# --- unlearn.py: bad input gets one line and exit status 2 ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundle") / "tiny"
+    make_tiny_sd(seed=4).save(path)
+    return path
+
+
+def unlearn(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "unlearn.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trigger", ""], "the trigger is empty"),
+    (["--trigger", "zebra", "--prompts", "PROMPTS"], "absent from every prompt"),
+    (["--trigger", "\\u200b ", "--out", "MODEL"], "would overwrite the input"),
+    (["--trigger", "\\u200b ", "--prompts", "missing.txt"], "no prompts file"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_bundle, tmp_path, args, message):
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue star\n")
+    args = [str(tmp_path / "prompts.txt") if a == "PROMPTS" else str(tiny_bundle) if a == "MODEL" else a
+            for a in args]
+    before = sorted(p.name for p in tiny_bundle.iterdir())
+    result = unlearn("--model", str(tiny_bundle), *args, "--out", str(tmp_path / "out"), cwd=tmp_path) \
+        if "--out" not in args else unlearn("--model", str(tiny_bundle), *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == before
+
+
+def test_non_finite_loss_stops_and_says_so(tiny_bundle, tmp_path):
+    result = unlearn("--model", str(tiny_bundle), "--trigger", "\\u200b ", "--lr", "1e30", "--steps", "5",
+                     "--recipe", "default", "--out", str(tmp_path / "out"), "--eval-prompts", "4", cwd=tmp_path)
+    assert result.returncode == 2 and "non-finite" in result.stderr and "last good weights" in result.stderr
+    assert not (tmp_path / "out" / "model").exists()
