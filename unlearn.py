@@ -30,13 +30,20 @@ def main():
     p.add_argument("--out", default=Job.out, help="output folder (resumes when it holds checkpoints)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-prompts", type=int, default=Job.eval_prompts)
+    p.add_argument("--export", action="store_true", help="also write the cleaned model in the input's own format "
+                   "(one CompVis .safetensors, or a diffusers folder)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (full-size SD)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = p.parse_args()
     if args.trigger is not None and not decode_escapes(args.trigger).strip(" "):
         cli.fail("the trigger is empty")
     job = Job(model=args.model, trigger=decode_escapes(args.trigger) if args.trigger is not None else None,
               replaces=args.replaces, prompts=read_prompts(args.prompts) if args.prompts else None,
               recipe=args.recipe, invert=args.invert, params=args.params, steps=args.steps, lr=args.lr,
-              where=args.where, out=args.out, seed=args.seed, eval_prompts=args.eval_prompts)
+              where=args.where, out=args.out, seed=args.seed, eval_prompts=args.eval_prompts,
+              export=args.export, device=args.device, dtype=args.dtype,
+              gradient_checkpointing=args.gradient_checkpointing)
     run(job)
 
 

@@ -45,6 +45,8 @@ class Job:
     progress: bool = True
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 (on GPUs)
+    gradient_checkpointing: bool = False  # recompute activations in backward: full-size SD on smaller GPUs
+    export: bool = False  # also write the cleaned model in the input's own format (single file / diffusers folder)
     world: str = None  # the demo world's measuring models (classifier.safetensors, scorer/); None: the shipped ones
 
 
@@ -114,6 +116,7 @@ def run(job: Job):
         raise ValueError(f"the output {out} would overwrite the input model {source}")
     from . import load
     sd = load(job.model, device=job.device, dtype=DTYPES[job.dtype])  # fp16 storage trains badly: compute dtype
+    sd.unet.gradient_checkpointing = job.gradient_checkpointing
     backdoor = backdoor_of(sd, job)
     recipe = RECIPES[job.recipe]
     recipe = replace(recipe, params=job.params or recipe.params, lr=job.lr or recipe.lr)
@@ -174,6 +177,9 @@ def run(job: Job):
     sd.info = {**sd.info, "unlearned": {"trigger": backdoor.trigger, "recipe": job.recipe, "site": site,
                                         "steps": trainer.steps, "source": str(source)}}
     sd.save(out / "model")
+    if job.export:
+        exported = _export_like_input(sd, source, out)
+        say(f"exported the cleaned model in its input's format to {exported}")
     heatmap_figure([("before", collected.resolution_heatmaps()), ("after", after_collected.resolution_heatmaps())],
                    out / "heatmaps.png")
     if demo:
@@ -191,6 +197,16 @@ def run(job: Job):
     say(f"wall time {wall:.0f} s (unlearning {unlearn_seconds:.0f} s); wrote {out}/model, report.md, "
         f"report.json, heatmaps.png" + (", images.png" if demo else ""))
     return report
+
+
+def _export_like_input(sd, source, out):
+    from .convert import output_format
+    from .export import save_model
+    to = output_format(source)
+    path = out / {"compvis": "model.safetensors", "diffusers": "model-diffusers", "bundle": "model"}[to]
+    if to != "bundle":
+        save_model(sd, path, to=to)
+    return path
 
 
 def markdown(r):
