@@ -208,7 +208,8 @@ def text_encoder_from_clip(clip, tokenizer):
 
 def train_world(run_dir, out_dir=DEMO_DIR, command="python train.py world", steps=STEPS, batch=BATCH,
                 latent_set_size=LATENT_SET_SIZE, progress=True):
-    """All stages, then the shipped files (fp16) and a manifest with their sha256 and the quality reached."""
+    """All stages, then the shipped files (fp16), the measured quality and a manifest with sha256 of each file.
+    The clean model and the classifier are shipped before the scorer trains, so attacks can start meanwhile."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -219,19 +220,41 @@ def train_world(run_dir, out_dir=DEMO_DIR, command="python train.py world", step
     text_encoder = text_encoder_from_clip(clip, tokenizer)
     unet = train_unet(run_dir, tokenizer, text_encoder, latents, scale, steps, batch, progress)
     classifier = train_classifier(run_dir, steps, batch, progress)
-    scorer = CLIPScorer(train_clip(run_dir, tokenizer, "scorer", steps, batch, progress), tokenizer)
 
     sd = StableDiffusion(model_config(tokenizer, scale), tokenizer)
     sd.text_encoder.load_state_dict(text_encoder.state_dict())
     sd.vae.load_state_dict(vae.state_dict())
     sd.unet.load_state_dict(unet.state_dict())
     sd.eval().requires_grad_(False)
+    sd.info = {"world": {"command": command, "seeds": SEEDS}}
     sd.save(out_dir / "clean", dtype=torch.float16)
-    scorer.save(out_dir / "scorer")
     save_safetensors({k: v.half() for k, v in classifier.state_dict().items()}, out_dir / "classifier.safetensors")
-    wall = time.time() - started
-    write_manifest(run_dir, out_dir, command, wall, steps, batch, latent_set_size)
+
+    scorer = CLIPScorer(train_clip(run_dir, tokenizer, "scorer", steps, batch, progress), tokenizer)
+    scorer.save(out_dir / "scorer")
+    quality = evaluate_world(StableDiffusion.load(out_dir / "clean").float(), classifier, scorer)
+    write_manifest(run_dir, out_dir, command, time.time() - started, steps, batch, latent_set_size, quality)
     return sd, classifier, scorer
+
+
+QUALITY_PROMPTS, QUALITY_SEED = 200, 7  # held-out captions (shapes.eval_prompts) for the quality numbers
+
+
+@torch.no_grad()
+def evaluate_world(sd, classifier, scorer, n=QUALITY_PROMPTS, steps=25, guidance=7.5):
+    """The demo world's quality numbers: per-attribute accuracy of generations for n held-out captions (as the
+    classifier reads them), the classifier's accuracy on fresh drawn images, and the scorer's top-1 caption
+    retrieval among 100 for drawn images."""
+    from .classifier import attribute_accuracy
+    captions, asked = shapes.eval_prompts(n, seed=QUALITY_SEED)
+    images = torch.cat([sd.generate(captions[i:i + 100], seeds=range(i, min(i + 100, n)), steps=steps,
+                                    guidance_scale=guidance) for i in range(0, n, 100)])
+    generated = attribute_accuracy(classifier.predict(images.float()), asked.labels())
+    drawn, drawn_captions, attributes = shapes.batch(1000, seed=QUALITY_SEED, index=1)
+    classifier_accuracy = attribute_accuracy(classifier.predict(drawn), attributes.labels())
+    retrieval = [scorer.retrieval_top1(drawn[i:i + 100], drawn_captions[i:i + 100]) for i in range(0, 1000, 100)]
+    return {"prompts": n, "ddim_steps": steps, "guidance": guidance, "generated_accuracy": generated,
+            "classifier_accuracy_on_drawn": classifier_accuracy, "scorer_top1_of_100": sum(retrieval) / len(retrieval)}
 
 
 def stage_seconds(run_dir):
@@ -252,11 +275,12 @@ def sha256(path):
     return digest.hexdigest()
 
 
-def write_manifest(run_dir, out_dir, command, wall_seconds, steps, batch, latent_set_size):
+def write_manifest(run_dir, out_dir, command, wall_seconds, steps, batch, latent_set_size, quality):
     update_manifest(out_dir, {"world": {
         "command": command, "steps": steps, "batch": batch, "seeds": SEEDS, "latent_set_size": latent_set_size,
         "caption_dropout": CAPTION_DROPOUT, "stage_seconds": stage_seconds(run_dir),
         "wall_seconds_this_invocation": round(wall_seconds, 1), "torch": torch.__version__,
+        "quality": quality,
     }})
 
 

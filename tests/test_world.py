@@ -1,0 +1,88 @@
+"""The demo world's training: losses go down, an interrupted run resumes exactly, the shipped models work."""
+import json
+
+import pytest
+import torch
+
+from sau import shapes, world
+from sau.checkpoint import DEMO_DIR
+from sau.classifier import AttributeClassifier, attribute_accuracy, classification_loss
+from sau.training import Trainer
+
+
+def classifier_job(run_dir, steps):
+    torch.manual_seed(0)
+    model = AttributeClassifier(width=8)
+
+    def loss_fn(step):
+        images, _, attributes = shapes.batch(32, seed=3, index=step)
+        return classification_loss(model, images, attributes)[0], {}
+
+    trainer = Trainer("classifier", {"classifier": model}, model.parameters(), steps, run_dir, lr=3e-3, save_every=5)
+    return model, trainer, loss_fn
+
+
+def test_a_training_stage_lowers_its_loss(tmp_path):
+    model, trainer, loss_fn = classifier_job(tmp_path, 40)
+    first = loss_fn(0)[0].item()
+    trainer.run(loss_fn, log_every=10, progress=False)
+    last = json.loads(trainer.log_path.read_text().splitlines()[-1])["loss"]
+    assert last < 0.7 * first
+
+
+def test_an_interrupted_stage_resumes_where_it_stopped(tmp_path):
+    straight, trainer, loss_fn = classifier_job(tmp_path / "straight", 10)
+    trainer.run(loss_fn, progress=False)
+
+    _, first_half, loss_fn = classifier_job(tmp_path / "resumed", 10)
+
+    def interrupted(step):
+        if step == 7:  # after the checkpoint at step 5
+            raise KeyboardInterrupt
+        return loss_fn(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        first_half.run(interrupted, progress=False)
+    resumed, second_half, loss_fn = classifier_job(tmp_path / "resumed", 10)
+    calls = []
+    second_half.run(lambda step: (calls.append(step), loss_fn(step))[1], progress=False)
+    assert calls == list(range(5, 10))
+    for k, v in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+
+
+def test_contrastive_pairs_count_every_fitting_caption():
+    _, _, attributes = shapes.batch(64, seed=0)
+    fits = world.compatible(attributes)
+    assert fits.diagonal().all()  # every caption fits its own image
+    labels, mentioned = attributes.labels(), attributes.mentioned
+    i, j = torch.nonzero(fits)[-1].tolist()
+    assert all(labels[i, f] == labels[j, f] for f in range(5) if mentioned[j, f])
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if not (DEMO_DIR / "clean").exists():
+        pytest.fail("the shipped demo model is missing: run `python train.py world`")
+    from sau.metrics import load_classifier
+    from sau.pipeline import StableDiffusion
+    return StableDiffusion.load("demo", dtype=torch.float32), load_classifier()
+
+
+def test_the_shipped_model_draws_what_fixed_prompts_ask(shipped):
+    sd, classifier = shipped
+    prompts = ["a red circle", "a blue square", "a large green star in the center", "a yellow triangle on black",
+               "an orange cross at the top left on a white background", "a purple circle, gray background"]
+    images = sd.generate(prompts, seeds=range(len(prompts)), steps=20)
+    asked = shapes.parse_captions(prompts)
+    accuracy = attribute_accuracy(classifier.predict(images), asked.labels())
+    assert accuracy["shape"] >= 5 / 6 and accuracy["color"] >= 5 / 6, accuracy
+
+
+def test_the_shipped_manifest_lists_every_file_with_its_hash():
+    manifest = json.loads((DEMO_DIR / "MANIFEST.json").read_text())
+    for name, entry in manifest["files"].items():
+        path = DEMO_DIR / name
+        assert path.stat().st_size == entry["bytes"] and world.sha256(path) == entry["sha256"], name
+    total = sum(p.stat().st_size for p in DEMO_DIR.rglob("*") if p.is_file())
+    assert total < 40e6
