@@ -4,9 +4,14 @@ Sections:
     attack-success detectors   one yes/no per image for each backdoor target (patch, grayscale, object swap,
                                target prompt), each validated on drawn images in tests/test_metrics.py
     backdoor evaluation        attack success rate and clean attribute accuracy on held-out demo prompts
+    clean fidelity             CLIP score, CLIP image similarity to the original model, Frechet distance
+    defense evaluation         every measure above for one model, the same way for every removal method
+    cost                       wall time and peak memory
 
 Images are (batch, 3, H, W) in [-1, 1] throughout, as the pipeline and sau.shapes produce them.
 """
+import time
+
 import numpy as np
 import torch
 
@@ -173,3 +178,148 @@ def measure_backdoor(sd, backdoor, classifier, n=200, seed=EVAL_SEED, steps=EVAL
     clean = generate_batched(sd, prompts, seeds, **kwargs)
     success = attack_success(backdoor.attack, triggered, classifier, asked, backdoor.target)
     return {"asr": success.float().mean().item(), "clean_accuracy": mean_attribute_accuracy(clean, classifier, asked)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Clean fidelity: CLIP score, image similarity and Frechet distance, measured with a CLIP scorer bundle
+# (sau.scorer.CLIPScorer: the demo world's scorer, or a real CLIP converted by weights_convert.py)
+
+def frechet_distance(features, reference):
+    """Frechet distance between Gaussians fitted to two feature sets (n, d) and (m, d):
+    ||mu_a - mu_b||^2 + tr(A) + tr(B) - 2 tr((A^1/2 B A^1/2)^1/2), FID's formula on whatever features are given.
+
+    Computed through symmetric eigendecompositions in float64: A^1/2 B A^1/2 is symmetric PSD, so its square
+    root's trace is the sum of the square roots of its eigenvalues, and no complex sqrtm is needed (with fewer
+    samples than dimensions the covariances are singular, which this handles)."""
+    a, b = features.double().cpu(), reference.double().cpu()
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError("the Frechet distance needs at least two images on each side")
+    cov_a, cov_b = torch.cov(a.t()), torch.cov(b.t())
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.t()
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    distance = (a.mean(0) - b.mean(0)).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross
+    return max(distance.item(), 0.0)
+
+
+def drawn_references(asked, seed=EVAL_SEED):
+    """Drawn demo images that fit what each prompt asked for (free attributes and jitter drawn at random):
+    the real images a Frechet distance compares generations with."""
+    drawn = shapes.sample_attributes(len(asked), np.random.default_rng([seed, 7]))
+    labels = np.where(asked.labels() >= 0, asked.labels(), drawn.labels())
+    return shapes.draw(shapes.Attributes(*labels.T.copy(), jitter=drawn.jitter))
+
+
+def clean_fidelity(scorer, images, prompts, original=None, references=None):
+    """How well clean prompts are still served, all from the scorer's CLIP features:
+    clip_score         mean 100 * max(cos, 0) between each image and its prompt
+    clip_similarity    mean cosine to the original model's image of the same prompt and seed (given `original`)
+    frechet            Frechet distance of the images' features to the `references` images' features."""
+    result = {"clip_score": scorer.clip_score(images, prompts).mean().item()}
+    if original is not None:
+        result["clip_similarity"] = scorer.image_similarity(images, original).mean().item()
+    if references is not None:
+        result["frechet"] = frechet_distance(scorer.image_features(images), scorer.image_features(references))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Defense evaluation: one function measures every method (and the undefended model) the same way
+
+@torch.no_grad()
+def evaluate_defense(sd, backdoor, prompts, asked=None, classifier=None, scorer=None, original=None,
+                     references=None, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE):
+    """Generate each prompt with and without the trigger (image i uses seed i both times) and measure:
+    asr                 share of triggered images showing the backdoor's target (when a detector applies)
+    clean_accuracy      attribute accuracy of the clean images (demo world: given `asked` and the classifier)
+    trigger_effect      mean 1 - cos between a triggered image and its clean twin: what the trigger changes,
+                        a target-free measure that also works when no detector does (needs the scorer)
+    and clean_fidelity's measures on the clean images. Returns (result, triggered images, clean images)."""
+    seeds = list(range(len(prompts)))
+    kwargs = dict(steps=steps, guidance_scale=guidance)
+    triggered = generate_batched(sd, [backdoor.insert(p) for p in prompts], seeds, **kwargs)
+    clean = generate_batched(sd, list(prompts), seeds, **kwargs)
+    result = {"asr": None}
+    if has_detector(backdoor, classifier, asked):
+        result["asr"] = attack_success(backdoor.attack, triggered, classifier, asked, backdoor.target)\
+            .float().mean().item()
+    if classifier is not None and asked is not None:
+        result["clean_accuracy"] = mean_attribute_accuracy(clean, classifier, asked)
+    if scorer is not None:
+        result["trigger_effect"] = 1 - scorer.image_similarity(triggered, clean).mean().item()
+        result.update(clean_fidelity(scorer, clean, prompts, original, references))
+    return result, triggered, clean
+
+
+def has_detector(backdoor, classifier=None, asked=None):
+    """Can attack_success judge this backdoor's images? Pixel (the checkerboard) and style need nothing;
+    object swaps and target prompts need the demo classifier and what each prompt asked for."""
+    if backdoor.attack == "pixel":
+        return backdoor.target == "checkerboard"
+    if backdoor.attack == "style":
+        return True
+    return backdoor.attack in ("object", "tpa", "taa") and classifier is not None and asked is not None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cost: wall time and peak memory of a block of work
+
+def _status_kib(field):
+    """A field of /proc/self/status in KiB (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss():
+    """Reset the kernel's resident-set high-water mark (Linux 4.0+); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class measure_cost:
+    """Wall time and peak memory of the block:
+
+        with measure_cost(device) as cost:
+            remove_backdoor(...)
+        cost["seconds"], cost["peak_memory_mb"], cost["memory_scope"]
+
+    On CUDA the peak is the allocator's peak during the block. On CPU it is the process's peak resident
+    memory during the block (models already loaded included), or since the process started where the kernel
+    cannot reset its high-water mark; `memory_scope` says which."""
+
+    def __init__(self, device="cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.cost = {}
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.scope = "cuda allocator"
+        else:
+            self.scope = "process RSS" if _reset_peak_rss() else "process RSS since start"
+        self.started = time.perf_counter()
+        return self.cost
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        else:
+            kib = _status_kib("VmHWM")
+            if kib is None:  # not Linux: the process peak from getrusage (KiB on Linux and BSDs)
+                import resource
+                kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = kib / 1024
+        self.cost.update(seconds=time.perf_counter() - self.started, peak_memory_mb=peak, memory_scope=self.scope)
+        return False

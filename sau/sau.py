@@ -348,17 +348,22 @@ def unlearn_unet(sd, collected, recipe, run_dir, seed=0, steps=None, inverted=No
             eps_triggered = unet(x_t, t, trig_ctx[rows])
         loss = recipe.attention_weight * attention.total
         logs = {"attention": attention.total.item() if torch.is_tensor(attention.total) else 0.0}
+        if not (recipe.distill_weight or recipe.preserve_weight):
+            return loss, logs
+        # The clean generations, noised: sampling from noise passes near them too, so the triggered prompt
+        # must learn to behave as the clean one there as well as on the backdoor's own outputs.
+        x_c, t_c = noised(collected.clean_latents[idx], g)
+        with torch.no_grad():
+            target_c = teacher(x_c, t_c, clean_ctx[idx])
         if recipe.distill_weight:
             with torch.no_grad():
                 target = teacher(x_t, t, clean_ctx[clean_rows])
-            distill = F.mse_loss(eps_triggered.float(), target.float())
+            distill = (F.mse_loss(eps_triggered.float(), target.float())
+                       + F.mse_loss(unet(x_c, t_c, trig_ctx[idx]).float(), target_c.float()))
             loss = loss + recipe.distill_weight * distill
             logs["distill"] = distill.item()
         if recipe.preserve_weight:
-            x_c, t_c = noised(collected.clean_latents[idx], g)
-            with torch.no_grad():
-                target = teacher(x_c, t_c, clean_ctx[idx])
-            preserve = F.mse_loss(unet(x_c, t_c, clean_ctx[idx]).float(), target.float())
+            preserve = F.mse_loss(unet(x_c, t_c, clean_ctx[idx]).float(), target_c.float())
             loss = loss + recipe.preserve_weight * preserve
             logs["preserve"] = preserve.item()
         return loss, logs

@@ -22,6 +22,7 @@ from .sau import (RECIPES, collect, invert_trigger, trigger_heatmaps, trigger_si
                   unlearn_unet)
 
 
+TEXT_PROMPTS = 512
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,7 +40,7 @@ class Job:
     where: str = "auto"  # auto | unet | text_encoder
     out: str = "runs/unlearn"
     seed: int = 0
-    collect_prompts: int = 32
+    collect_prompts: int = 64
     eval_prompts: int = 200
     sample_steps: int = 25
     progress: bool = True
@@ -154,7 +155,9 @@ def run(job: Job):
     inverted = None
     unlearn_started = time.time()
     if site == "text_encoder":
-        trainer = unlearn_text_encoder(sd, backdoor, prompts, recipe, run_dir, job.seed, job.steps, job.progress)
+        # The text route needs no generations: it can afford many more prompts than were sampled.
+        text_prompts = job.prompts or builtin_prompts(sd, TEXT_PROMPTS, job.seed)
+        trainer = unlearn_text_encoder(sd, backdoor, text_prompts, recipe, run_dir, job.seed, job.steps, job.progress)
     else:
         steps = job.steps or recipe.steps
         if job.invert:

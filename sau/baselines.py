@@ -1,0 +1,230 @@
+"""Other ways to remove a backdoor, on SAU's harness: the methods `python eval.py` compares SAU with.
+
+    uce                Unified Concept Editing (Gandikota et al., 2024): a closed-form edit of every
+                       cross-attention key and value projection, no training
+    esd_x              Erased Stable Diffusion, cross-attention variant (Gandikota et al., 2023): fine-tune the
+                       cross-attention layers so the concept's prediction follows negative guidance
+    concept_ablation   Ablating Concepts (Kumari et al., 2023): fine-tune the cross-attention keys and values so a
+                       triggered prompt predicts what the frozen model predicts for the clean prompt
+
+Each changes `sd` in place, only in the parts its paper changes, and returns what it did. Hyperparameters
+are the papers' defaults (PAPER). The demo world's model is small and was trained, and backdoored, with larger
+steps than SD: its backdoors used a learning rate of 2e-4, 20 times BadT2I's 1e-5 on SD. The fine-tuning
+baselines get the same factor on it, and step counts that fit about a minute on 2 CPU cores (DEMO).
+
+SAU's two recipes join them in `remove_backdoor`, run through sau.sau's stages, so that every method is
+timed and evaluated the same way.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from .ddim import ddim_step, ddim_timesteps, guided_model_fn
+from .sau import RECIPES, precompute_contexts, trainable_parameters, triggered_pairs, trigger_site, \
+    unlearn_text_encoder, unlearn_unet
+from .training import Trainer, diffusion_loss, step_generator
+
+METHODS = ("none", "uce", "esd_x", "concept_ablation", "sau_paper", "sau_default")
+LABELS = {"none": "no defense", "uce": "UCE", "esd_x": "ESD-x", "concept_ablation": "Concept Ablation",
+          "sau_paper": "SAU (paper)", "sau_default": "SAU (default)"}
+# Methods that learn from the suspect model's own generations (sau.sau.collect): SAU from triggered ones,
+# Concept Ablation from clean ("anchor") ones. The collection's cost is added to theirs.
+NEEDS_COLLECTION = ("concept_ablation", "sau_paper", "sau_default")
+
+PAPER = {
+    # train_erase.py: lamb 0.5, erase_scale 1, preserve_scale 0.1, technique "replace", keys and values edited
+    "uce": dict(lamb=0.5, erase_scale=1.0, preserve_scale=0.1),
+    # ESD-x: all attn2 parameters, Adam lr 1e-5, 1000 iterations of batch 1, eta 1, x_t drawn by DDIM (50 steps,
+    # guidance 3)
+    "esd_x": dict(steps=1000, lr=1e-5, negative_guidance=1.0, start_guidance=3.0, ddim_steps=50),
+    # model-based ablation with prior preservation, cross-attention K/V, 100 steps of batch 8, lr 2e-6 x 8
+    "concept_ablation": dict(steps=100, lr=1.6e-5, batch_size=8, params="kv", prior_weight=1.0),
+}
+DEMO_LR_SCALE = 20  # the demo backdoors' learning rate over BadT2I's (2e-4 / 1e-5)
+DEMO = {
+    "uce": PAPER["uce"],  # LayerNorm keeps the text features' per-dimension energy near 1 in SD and the demo
+    "esd_x": {**PAPER["esd_x"], "steps": 200, "lr": PAPER["esd_x"]["lr"] * DEMO_LR_SCALE, "ddim_steps": 25},
+    "concept_ablation": {**PAPER["concept_ablation"], "lr": PAPER["concept_ablation"]["lr"] * DEMO_LR_SCALE},
+}
+
+
+def hyperparameters(method, family):
+    """The defaults a baseline runs with on a model family ("demo": scaled, else the paper's)."""
+    return dict((DEMO if family == "demo" else PAPER)[method])
+
+
+# --- UCE ----------------------------------------------------------------------------------------------------
+
+def edit_positions(triggered_ids, clean_ids, length):
+    """(triggered position, clean position) pairs UCE equates: from the trigger's last token to the end, aligned
+    from the end, as UCE aligns an erased concept with its replacement (its last token onward, padding included).
+    A trigger that only adds tokens (BadT2I prepends one) pairs its last token with the clean token before it,
+    as UCE pairs a concept erased to " " with the start token."""
+    t, c = triggered_ids, clean_ids
+    prefix = next((k for k in range(min(len(t), len(c))) if t[k] != c[k]), min(len(t), len(c)))
+    suffix = 0
+    while suffix < min(len(t), len(c)) - prefix and t[-1 - suffix] == c[-1 - suffix]:
+        suffix += 1
+    shift = len(t) - len(c)
+    start = max(len(t) - suffix - 1, 0)
+    return [(i, i - shift) for i in range(start, length) if 0 <= i - shift < length]
+
+
+@torch.no_grad()
+def uce(sd, backdoor, prompts, lamb=0.5, erase_scale=1.0, preserve_scale=0.1):
+    """UCE: every cross-attention to_k / to_v weight W becomes the least-squares solution of
+        min  sum_edits ||W' c_i - W c*_i||^2 + preserve_scale sum_kept ||W' p - W p||^2 + lamb ||W' - W||^2
+    where c_i are the triggered prompts' text features (trigger onward) and c*_i the clean prompts' at the
+    aligned positions, so the UNet reads the trigger as if it were not there ("replace" technique, guided to
+    " "), and p the clean prompts' and the empty prompt's features, kept. All targets are W times a feature,
+    so W' = W M with one d x d matrix M shared by every layer:
+        M = (lamb I + s_e sum c*_i c_i^T + s_p sum p p^T)(lamb I + s_e sum c_i c_i^T + s_p sum p p^T)^-1."""
+    triggered, clean = triggered_pairs(backdoor, prompts)
+    if not triggered:
+        raise ValueError(f"the trigger {backdoor.trigger!r} cannot be put into any of the prompts")
+    length = sd.tokenizer.max_length
+    trig_feats, clean_feats = precompute_contexts(sd, triggered).double(), precompute_contexts(sd, clean).double()
+    edits, targets = [], []
+    for row, (t, c) in enumerate(zip(triggered, clean)):
+        pairs = edit_positions(sd.tokenizer.encode(t), sd.tokenizer.encode(c), length)
+        edits.append(trig_feats[row, [i for i, _ in pairs]])
+        targets.append(clean_feats[row, [j for _, j in pairs]])
+    edits, targets = torch.cat(edits), torch.cat(targets)
+    kept = torch.cat([clean_feats, precompute_contexts(sd, [""]).double()]).flatten(0, 1)
+    eye = torch.eye(kept.shape[1], dtype=torch.float64, device=kept.device)
+    common = lamb * eye + preserve_scale * kept.t() @ kept
+    numerator = common + erase_scale * targets.t() @ edits
+    denominator = common + erase_scale * edits.t() @ edits
+    mix = torch.linalg.solve(denominator, numerator.t()).t()  # numerator @ denominator^-1 (symmetric)
+    layers = [m for name, m in sd.unet.named_modules() if name.endswith(".attn2")]
+    for attention in layers:
+        for projection in (attention.to_k, attention.to_v):
+            projection.weight.copy_((projection.weight.double() @ mix).to(projection.weight.dtype))
+    return {"steps": 0, "changes": "cross-attention to_k, to_v (closed form)", "edited_layers": 2 * len(layers),
+            "edit_features": len(edits)}
+
+
+# --- ESD-x --------------------------------------------------------------------------------------------------
+
+def esd_x(sd, backdoor, run_dir, steps=1000, lr=1e-5, negative_guidance=1.0, start_guidance=3.0, ddim_steps=50,
+          concept=None, seed=0, progress=True):
+    """ESD-x: fine-tune every cross-attention parameter so that, on the model's own samples x_t of the concept,
+        eps(x_t, c) -> eps*(x_t) - negative_guidance * (eps*(x_t, c) - eps*(x_t))     (* = frozen copy)
+    i.e. the concept's guidance direction is reversed. The concept is the trigger text itself, as ESD erases a
+    concept named by its words (`concept` overrides). Each iteration draws x_t by DDIM with guidance
+    `start_guidance` from noise to a random one of `ddim_steps` steps, with the model being trained, and
+    trains at that step's timestep (ESD draws a DDPM timestep near it; here x_t and t always agree)."""
+    unet = sd.unet
+    concept = concept if concept is not None else (backdoor.trigger.strip() or backdoor.trigger)
+    frozen = copy.deepcopy(unet).eval().requires_grad_(False)
+    unet.requires_grad_(False)
+    params = trainable_parameters(unet, "attn2")
+    for p in params:
+        p.requires_grad_(True)
+    with torch.no_grad():
+        concept_ctx, empty_ctx = sd.encode_text([concept]), sd.encode_text([""])
+    timesteps = ddim_timesteps(ddim_steps, sd.schedule.num_train_timesteps)
+    stride = sd.schedule.num_train_timesteps // ddim_steps
+    sample_fn = guided_model_fn(unet, concept_ctx, empty_ctx, start_guidance)
+
+    def loss_fn(step):
+        g = step_generator(seed, step)
+        stop = int(torch.randint(0, ddim_steps, (1,), generator=g))
+        x = torch.randn((1, *sd.latent_shape()), generator=g).to(sd.device, sd.dtype)
+        with torch.no_grad():
+            for t in timesteps[:stop]:
+                x, _ = ddim_step(sd.schedule, sample_fn(x, t), t, t - stride, x)
+            t = torch.full((1,), timesteps[stop], device=sd.device)
+            empty, cond = frozen(x, t, empty_ctx), frozen(x, t, concept_ctx)
+        target = empty - negative_guidance * (cond - empty)
+        return F.mse_loss(unet(x, t, concept_ctx).float(), target.float()), {"t": float(t)}
+
+    return _train("esd_x", unet, params, steps, run_dir, lr, loss_fn, progress,
+                  "cross-attention (all attn2 parameters)")
+
+
+# --- Concept Ablation ---------------------------------------------------------------------------------------
+
+def ablation_parameters(unet, which):
+    """Concept Ablation's parameter groups: "kv" (cross-attention keys and values, its default), "attn2", "all"."""
+    if which == "kv":
+        return [p for name, p in unet.named_parameters() if ".attn2.to_k." in name or ".attn2.to_v." in name]
+    return trainable_parameters(unet, which)
+
+
+def concept_ablation(sd, collected, run_dir, steps=100, lr=1.6e-5, batch_size=8, params="kv", prior_weight=1.0,
+                     seed=0, progress=True):
+    """Concept Ablation, model-based: on the frozen model's generations for the clean ("anchor") prompts
+    (collected.clean_latents), noised at random timesteps,
+        ||eps(x_t, triggered prompt) - sg eps*(x_t, clean prompt)||^2 + prior_weight ||eps(x_t, clean) - noise||^2
+    the first term makes the triggered prompt behave as its clean twin, the second (prior preservation, the
+    usual diffusion loss on the anchors) keeps the clean prompt. Only the chosen parameters train."""
+    unet = sd.unet
+    frozen = copy.deepcopy(unet).eval().requires_grad_(False)
+    unet.requires_grad_(False)
+    trained = ablation_parameters(unet, params)
+    for p in trained:
+        p.requires_grad_(True)
+    target_ctx = precompute_contexts(sd, collected.prompts)
+    anchor_ctx = precompute_contexts(sd, collected.clean_prompts)
+    anchors, n = collected.clean_latents, len(collected.prompts)
+
+    def loss_fn(step):
+        g = step_generator(seed, step)
+        idx = torch.randint(0, n, (batch_size,), generator=g)
+        noise = torch.randn(anchors[idx].shape, generator=g).to(anchors)
+        t = torch.randint(0, sd.schedule.num_train_timesteps, (batch_size,), generator=g).to(anchors.device)
+        x_t = sd.schedule.add_noise(anchors[idx], noise, t)
+        with torch.no_grad():
+            target = frozen(x_t, t, anchor_ctx[idx])
+        ablation = F.mse_loss(unet(x_t, t, target_ctx[idx]).float(), target.float())
+        prior = diffusion_loss(unet, sd.schedule, anchors[idx], anchor_ctx[idx], g)
+        return ablation + prior_weight * prior, {"ablation": ablation.item(), "prior": prior.item()}
+
+    changes = {"kv": "cross-attention to_k, to_v", "attn2": "cross-attention", "all": "the whole UNet"}[params]
+    return _train("concept_ablation", unet, trained, steps, run_dir, lr, loss_fn, progress, changes)
+
+
+def _train(name, unet, params, steps, run_dir, lr, loss_fn, progress, changes):
+    """A constant-lr AdamW run without gradient clipping (as both papers train); the UNet ends frozen, in eval."""
+    unet.train()
+    trainer = Trainer(name, {"unet": unet}, params, steps, run_dir, lr=lr, grad_clip=0, save_every=10 ** 9,
+                      warmup=0, min_lr_ratio=1.0)
+    try:
+        trainer.run(loss_fn, log_every=10, progress=progress)
+    finally:
+        unet.eval().requires_grad_(False)
+    return {"steps": trainer.steps, "changes": changes}
+
+
+# --- every method behind one call ---------------------------------------------------------------------------
+
+def sau(sd, backdoor, prompts, collected, recipe, run_dir, seed=0, progress=True):
+    """SAU as unlearn.py runs it (without inversion): unlearn where the trigger acts, with the recipe."""
+    site, _, _ = trigger_site(sd, backdoor, collected.clean_prompts)
+    if site == "text_encoder":
+        trainer = unlearn_text_encoder(sd, backdoor, prompts, recipe, run_dir, seed, progress=progress)
+        return {"steps": trainer.steps, "changes": "the text encoder", "site": site}
+    trainer = unlearn_unet(sd, collected, recipe, run_dir, seed, recipe.steps, progress=progress)
+    changes = "cross-attention" if recipe.params == "attn2" else "the whole UNet"
+    return {"steps": trainer.steps, "changes": changes, "site": site}
+
+
+def remove_backdoor(method, sd, backdoor, prompts, run_dir, collected=None, seed=0, progress=False, **overrides):
+    """Run `method` (one of METHODS) on sd in place, with its defaults for sd's family unless overridden.
+    Methods in NEEDS_COLLECTION take the suspect model's sau.sau.collect output on `prompts`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method in NEEDS_COLLECTION and collected is None:
+        raise ValueError(f"{method} learns from the suspect model's generations: pass collected=sau.sau.collect(...)")
+    if method == "none":
+        return {"steps": 0, "changes": "nothing"}
+    if method.startswith("sau_"):
+        return sau(sd, backdoor, prompts, collected, RECIPES[method[len("sau_"):]], run_dir, seed, progress)
+    options = {**hyperparameters(method, sd.config.family), **overrides}
+    if method == "uce":
+        return uce(sd, backdoor, prompts, **options)
+    if method == "esd_x":
+        return esd_x(sd, backdoor, run_dir, **options, seed=seed, progress=progress)
+    return concept_ablation(sd, collected, run_dir, **options, seed=seed, progress=progress)
