@@ -86,3 +86,59 @@ def percent(x):
 
 def dumps(obj):
     return json.dumps(_jsonable(obj), ensure_ascii=False)
+
+
+# --- bar charts (eval.py's comparison) ------------------------------------------------------------------------
+
+# One colour per bar series, distinguishable in print and for the common colour-vision deficiencies (Okabe-Ito).
+SERIES_COLOURS = [(0, 0, 0), (230, 159, 0), (86, 180, 233), (0, 158, 115), (204, 121, 167), (0, 114, 178),
+                  (213, 94, 0), (240, 228, 66)]
+
+
+def _font(size):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font in Pillow >= 10.1
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def bar_chart(groups, series, panels, path, title="", bar=14, plot_height=150):
+    """Grouped bars of values in [0, 1], one panel per measure, written as a PNG.
+
+    groups: names along the x axis (e.g. backdoors); series: one bar per group each (e.g. methods), with a
+    legend; panels: [(panel title, {group: {series: value or None}})]. A missing value is marked "n/a"."""
+    font, small = _font(13), _font(10)
+    left, gap, top_pad, bottom_pad = 48, 18, 28, 22
+    group_width = len(series) * bar + gap
+    width = max(left + len(groups) * group_width + 10, 420)
+    legend_rows = -(-len(series) // 3)
+    legend_height = 8 + 16 * legend_rows
+    panel_height = top_pad + plot_height + bottom_pad
+    canvas = Image.new("RGB", (width, 26 + legend_height + len(panels) * panel_height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 6), title, fill="black", font=font)
+    for k, name in enumerate(series):  # legend, three entries a row
+        x, y = 8 + (k % 3) * ((width - 16) // 3), 28 + 16 * (k // 3)
+        draw.rectangle([x, y + 2, x + 10, y + 12], fill=SERIES_COLOURS[k % len(SERIES_COLOURS)])
+        draw.text((x + 14, y), name, fill="black", font=small)
+    for p, (panel_title, values) in enumerate(panels):
+        y0 = 26 + legend_height + p * panel_height
+        base = y0 + top_pad + plot_height
+        draw.text((8, y0 + 4), panel_title, fill="black", font=font)
+        for tick in (0, 0.5, 1):  # axis with gridlines at 0, 50 and 100%
+            y = base - tick * plot_height
+            draw.line([left - 4, y, width - 6, y], fill=(225, 225, 225) if tick else "black")
+            draw.text((6, y - 6), f"{100 * tick:.0f}%", fill="black", font=small)
+        for g, group in enumerate(groups):
+            x0 = left + g * group_width + gap // 2
+            for k, name in enumerate(series):
+                value = values.get(group, {}).get(name)
+                x = x0 + k * bar
+                if value is None:
+                    draw.text((x + 1, base - 12), "n/a", fill=(120, 120, 120), font=_font(7))
+                    continue
+                height = max(1, round(min(max(value, 0.0), 1.0) * plot_height))
+                draw.rectangle([x, base - height, x + bar - 2, base], fill=SERIES_COLOURS[k % len(SERIES_COLOURS)])
+            draw.text((x0, base + 4), group, fill="black", font=small)
+    _save_png(canvas, path)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import metrics, shapes
-from .attacks import DEFAULT_PROMPTS, Backdoor
+from .attacks import DEFAULT_PROMPTS, Backdoor, claim_run_dir
 from .checkpoint import DEMO_DIR, resolve_model_path
 from .scorer import CLIPScorer
 from .report import heatmap_figure, image_grid, percent, write_report
@@ -152,6 +152,8 @@ def run(job: Job):
     say(f"the trigger moves the text encoder's output by {trigger_shift:.3f} (an ordinary word: {control_shift:.3f}): "
         f"unlearning in the {site.replace('_', ' ')}" + (" (as --where says)" if job.where != "auto" else ""))
     run_dir = out / "checkpoints"
+    claim_run_dir(run_dir, {"model": str(source.resolve()), "backdoor": backdoor.info(), "recipe": vars(recipe),
+                            "invert": job.invert, "steps": job.steps, "where": job.where, "seed": job.seed})
     inverted = None
     unlearn_started = time.time()
     if site == "text_encoder":
