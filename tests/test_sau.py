@@ -138,3 +138,19 @@ def test_non_finite_loss_stops_and_says_so(tiny_bundle, tmp_path):
                      "--recipe", "default", "--out", str(tmp_path / "out"), "--eval-prompts", "4", cwd=tmp_path)
     assert result.returncode == 2 and "non-finite" in result.stderr and "last good weights" in result.stderr
     assert not (tmp_path / "out" / "model").exists()
+
+
+# --- the shipped pixel backdoor, on a reduced budget --------------------------------------------------------
+
+def test_a_short_run_on_the_shipped_pixel_backdoor_removes_most_of_it(tmp_path):
+    from sau.checkpoint import DEMO_DIR
+    from sau.unlearning import Job, run
+    if not (DEMO_DIR / "pixel").exists():
+        pytest.fail("the shipped pixel-backdoored demo model is missing: run `python train.py backdoor --shipped`")
+    report = run(Job(model="demo/pixel", out=str(tmp_path / "out"), collect_prompts=24, eval_prompts=48,
+                     sample_steps=15, steps=120, progress=False))
+    assert report["before"]["asr"] >= 0.8
+    assert report["after"]["asr"] <= report["before"]["asr"] - 0.5
+    assert report["after"]["clean_accuracy"] >= report["before"]["clean_accuracy"] - 0.1
+    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "heatmaps.png").exists() and (tmp_path / "out" / "images.png").exists()
