@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from sau import cli, shapes
+from sau.compile import compile_model
 from sau.world import DEMO_DIR, train_world
 
 
@@ -26,6 +27,8 @@ def world(args):
 def grid(args):
     from sau.pipeline import StableDiffusion
     sd = StableDiffusion.load(args.model)
+    if args.compile:
+        compile_model(sd.unet)  # sampling only: the weights stay fixed, so inductor may freeze them
     captions, _ = shapes.eval_prompts(args.n, seed=args.seed)
     images = sd.generate(captions, seeds=range(args.n), steps=args.steps, guidance_scale=args.guidance, progress=True)
     shapes.save_grid(images, args.out, nrow=8)
@@ -69,6 +72,7 @@ def main():
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off for large grids)")
     g.set_defaults(func=grid)
     b = sub.add_parser("backdoor", help="inject a backdoor (BadT2I pixel/style/object, Rickrolling tpa/taa)")
     b.add_argument("--attack", required=True, help="pixel, style, object, tpa or taa")

@@ -35,6 +35,8 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (full-size SD)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first calls compile; pays "
+                   "off on long runs and GPUs, see the README's Performance section)")
     args = p.parse_args()
     if args.trigger is not None and not decode_escapes(args.trigger).strip(" "):
         cli.fail("the trigger is empty")
@@ -43,7 +45,7 @@ def main():
               recipe=args.recipe, invert=args.invert, params=args.params, steps=args.steps, lr=args.lr,
               where=args.where, out=args.out, seed=args.seed, eval_prompts=args.eval_prompts,
               export=args.export, device=args.device, dtype=args.dtype,
-              gradient_checkpointing=args.gradient_checkpointing)
+              gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
     run(job)
 
 

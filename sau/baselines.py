@@ -24,6 +24,7 @@ from .ddim import ddim_step, ddim_timesteps, guided_model_fn
 from .sau import RECIPES, precompute_contexts, trainable_parameters, triggered_pairs, trigger_site, \
     unlearn_text_encoder, unlearn_unet
 from .training import Trainer, diffusion_loss, step_generator
+from .unlearning import TEXT_PROMPTS, builtin_prompts
 
 METHODS = ("none", "uce", "esd_x", "concept_ablation", "sau_paper", "sau_default")
 LABELS = {"none": "no defense", "uce": "UCE", "esd_x": "ESD-x", "concept_ablation": "Concept Ablation",
@@ -71,6 +72,12 @@ def edit_positions(triggered_ids, clean_ids, length):
     return [(i, i - shift) for i in range(start, length) if 0 <= i - shift < length]
 
 
+def framed_ids(tokenizer, text):
+    """The token ids the text encoder sees, unpadded: truncated to its positions with eos kept."""
+    ids = tokenizer.encode(text)
+    return ids if len(ids) <= tokenizer.max_length else ids[:tokenizer.max_length - 1] + [ids[-1]]
+
+
 @torch.no_grad()
 def uce(sd, backdoor, prompts, lamb=0.5, erase_scale=1.0, preserve_scale=0.1):
     """UCE: every cross-attention to_k / to_v weight W becomes the least-squares solution of
@@ -87,7 +94,7 @@ def uce(sd, backdoor, prompts, lamb=0.5, erase_scale=1.0, preserve_scale=0.1):
     trig_feats, clean_feats = precompute_contexts(sd, triggered).double(), precompute_contexts(sd, clean).double()
     edits, targets = [], []
     for row, (t, c) in enumerate(zip(triggered, clean)):
-        pairs = edit_positions(sd.tokenizer.encode(t), sd.tokenizer.encode(c), length)
+        pairs = edit_positions(framed_ids(sd.tokenizer, t), framed_ids(sd.tokenizer, c), length)
         edits.append(trig_feats[row, [i for i, _ in pairs]])
         targets.append(clean_feats[row, [j for _, j in pairs]])
     edits, targets = torch.cat(edits), torch.cat(targets)
@@ -200,20 +207,26 @@ def _train(name, unet, params, steps, run_dir, lr, loss_fn, progress, changes):
 
 # --- every method behind one call ---------------------------------------------------------------------------
 
-def sau(sd, backdoor, prompts, collected, recipe, run_dir, seed=0, progress=True):
-    """SAU as unlearn.py runs it (without inversion): unlearn where the trigger acts, with the recipe."""
+def sau(sd, backdoor, prompts, collected, recipe, run_dir, seed=0, progress=True, max_steps=None):
+    """SAU as unlearn.py runs it (without inversion): unlearn where the trigger acts, with the recipe. The text
+    route, which needs no generations, takes as many built-in prompts as unlearn.py gives it."""
     site, _, _ = trigger_site(sd, backdoor, collected.clean_prompts)
     if site == "text_encoder":
-        trainer = unlearn_text_encoder(sd, backdoor, prompts, recipe, run_dir, seed, progress=progress)
+        steps = min(recipe.text_steps, max_steps or recipe.text_steps)
+        text_prompts = builtin_prompts(sd, TEXT_PROMPTS, seed)
+        trainer = unlearn_text_encoder(sd, backdoor, text_prompts, recipe, run_dir, seed, steps, progress)
         return {"steps": trainer.steps, "changes": "the text encoder", "site": site}
-    trainer = unlearn_unet(sd, collected, recipe, run_dir, seed, recipe.steps, progress=progress)
+    trainer = unlearn_unet(sd, collected, recipe, run_dir, seed, min(recipe.steps, max_steps or recipe.steps),
+                           progress=progress)
     changes = "cross-attention" if recipe.params == "attn2" else "the whole UNet"
     return {"steps": trainer.steps, "changes": changes, "site": site}
 
 
-def remove_backdoor(method, sd, backdoor, prompts, run_dir, collected=None, seed=0, progress=False, **overrides):
+def remove_backdoor(method, sd, backdoor, prompts, run_dir, collected=None, seed=0, progress=False, max_steps=None,
+                    **overrides):
     """Run `method` (one of METHODS) on sd in place, with its defaults for sd's family unless overridden.
-    Methods in NEEDS_COLLECTION take the suspect model's sau.sau.collect output on `prompts`."""
+    Methods in NEEDS_COLLECTION take the suspect model's sau.sau.collect output on `prompts`. `max_steps` caps
+    every method's optimizer steps (smoke tests)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if method in NEEDS_COLLECTION and collected is None:
@@ -221,8 +234,10 @@ def remove_backdoor(method, sd, backdoor, prompts, run_dir, collected=None, seed
     if method == "none":
         return {"steps": 0, "changes": "nothing"}
     if method.startswith("sau_"):
-        return sau(sd, backdoor, prompts, collected, RECIPES[method[len("sau_"):]], run_dir, seed, progress)
+        return sau(sd, backdoor, prompts, collected, RECIPES[method[len("sau_"):]], run_dir, seed, progress, max_steps)
     options = {**hyperparameters(method, sd.config.family), **overrides}
+    if max_steps and "steps" in options:
+        options["steps"] = min(options["steps"], max_steps)
     if method == "uce":
         return uce(sd, backdoor, prompts, **options)
     if method == "esd_x":

@@ -167,17 +167,12 @@ def mean_attribute_accuracy(images, classifier, asked):
     return sum(per_field.values()) / len(per_field)
 
 
-@torch.no_grad()
 def measure_backdoor(sd, backdoor, classifier, n=200, seed=EVAL_SEED, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE):
     """Attack success rate on n held-out triggered prompts and clean attribute accuracy on the same prompts
-    without the trigger, both in [0, 1]. Image i uses seed i with and without the trigger."""
+    without the trigger, both in [0, 1] (evaluate_defense on attack_prompts)."""
     prompts, asked = attack_prompts(backdoor, n, seed)
-    seeds = list(range(n))
-    kwargs = dict(steps=steps, guidance_scale=guidance)
-    triggered = generate_batched(sd, [backdoor.insert(p) for p in prompts], seeds, **kwargs)
-    clean = generate_batched(sd, prompts, seeds, **kwargs)
-    success = attack_success(backdoor.attack, triggered, classifier, asked, backdoor.target)
-    return {"asr": success.float().mean().item(), "clean_accuracy": mean_attribute_accuracy(clean, classifier, asked)}
+    result, _, _ = evaluate_defense(sd, backdoor, prompts, asked, classifier, steps=steps, guidance=guidance)
+    return {"asr": result["asr"], "clean_accuracy": result["clean_accuracy"]}
 
 
 # ----------------------------------------------------------------------------------------------------

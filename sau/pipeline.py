@@ -58,7 +58,7 @@ class StableDiffusion(nn.Module):
     @classmethod
     def load(cls, path, device="cpu", dtype=None):
         """Load a bundle folder (or a shipped demo model by name, e.g. "demo/pixel"); weights keep their
-        stored dtype unless `dtype` is given. Other layouts: `sau.load` converts them first."""
+        stored dtype unless `dtype` is given (fp16 on a CPU runs in fp32). Other layouts: `sau.load` converts them."""
         config_dict, state_dict, tokenizer_path = read_bundle(resolve_model_path(path))
         config = ModelConfig.from_dict(config_dict)
         tokenizer = Tokenizer.from_file(tokenizer_path, pad_id=config.text.pad_id)
@@ -70,6 +70,8 @@ class StableDiffusion(nn.Module):
         with torch.device("meta"):
             model = cls(config, tokenizer)
         stored_dtype = next(iter(state_dict.values())).dtype
+        if dtype is None and stored_dtype == torch.float16 and torch.device(device).type == "cpu":
+            dtype = torch.float32  # fp16 is a storage format on CPUs: computing in it there is slow and lossy
         model = model.to_empty(device=device).to(dtype or stored_dtype)
         model.load_compvis_state_dict(state_dict)
         model.schedule = NoiseSchedule(config.schedule)  # rebuilt: under the meta device it held no values

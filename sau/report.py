@@ -142,3 +142,10 @@ def bar_chart(groups, series, panels, path, title="", bar=14, plot_height=150):
                 draw.rectangle([x, base - height, x + bar - 2, base], fill=SERIES_COLOURS[k % len(SERIES_COLOURS)])
             draw.text((x0, base + 4), group, fill="black", font=small)
     _save_png(canvas, path)
+
+
+def markdown_table(rows, columns):
+    """rows: dicts; columns: [(header, row -> cell text)] -> a Markdown table."""
+    lines = ["| " + " | ".join(header for header, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows]
+    return "\n".join(lines)

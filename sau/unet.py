@@ -59,10 +59,12 @@ class ResBlock(nn.Module):
                                 else nn.Conv2d(channels, out_channels, 1))
 
     def forward(self, x, emb):
+        # Sums go in place into a conv's fresh output (a conv's backward never needs its output): the same
+        # values as `a + b`, without a full-size temporary per addition.
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        h = h.add_(self.emb_layers(emb).to(h.dtype)[:, :, None, None])
         h = self.out_layers(h)
-        return self.skip_connection(x) + h
+        return h.add_(self.skip_connection(x))
 
 
 class Downsample(nn.Module):
@@ -117,9 +119,11 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x, context, size):
-        x = x + self.attn1(self.norm1(x), size=size)
-        x = x + self.attn2(self.norm2(x), context, size=size)
-        return x + self.ff(self.norm3(x))
+        # Residuals are added in place into each sublayer's fresh output (a Linear's, which its backward does
+        # not need): the same sums as x + f(x), one full-size temporary fewer each.
+        x = self.attn1(self.norm1(x), size=size).add_(x)
+        x = self.attn2(self.norm2(x), context, size=size).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class SpatialTransformer(nn.Module):
@@ -142,17 +146,21 @@ class SpatialTransformer(nn.Module):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)  # (b, c, h, w) -> (b, h*w, c), pixels row by row
+        # (b, c, h, w) -> (b, h*w, c), pixels row by row. Made contiguous once here: a transposed view would
+        # make every LayerNorm below copy it again and every residual add run over strided memory.
+        x = x.flatten(2).transpose(1, 2).contiguous()
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context, size=(h, w))
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)  # (b, h*w, c) -> (b, c, h, w)
+        # (b, h*w, c) -> (b, c, h, w), contiguous: the plain view would be channels-last, and convolutions fed
+        # channels-last maps repack their (contiguous) weights to match, on every call.
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)
-        return x + x_in
+        return x.add_(x_in)  # x is fresh (a conv's output, or the copy above): summed in place
 
 
 def _ignore_map(probs, size):

@@ -16,6 +16,7 @@ import torch
 from . import metrics, shapes
 from .attacks import DEFAULT_PROMPTS, Backdoor, claim_run_dir
 from .checkpoint import DEMO_DIR, resolve_model_path
+from .compile import compile_model
 from .scorer import CLIPScorer
 from .report import heatmap_figure, image_grid, percent, write_report
 from .sau import (RECIPES, collect, invert_trigger, trigger_heatmaps, trigger_site, unlearn_text_encoder,
@@ -49,6 +50,7 @@ class Job:
     gradient_checkpointing: bool = False  # recompute activations in backward: full-size SD on smaller GPUs
     export: bool = False  # also write the cleaned model in the input's own format (single file / diffusers folder)
     world: str = None  # the demo world's measuring models (classifier.safetensors, scorer/); None: the shipped ones
+    compile: bool = False  # torch.compile the UNet (sau/compile.py)
 
 
 def say(message):
@@ -118,6 +120,8 @@ def run(job: Job):
     from . import load
     sd = load(job.model, device=job.device, dtype=DTYPES[job.dtype])  # fp16 storage trains badly: compute dtype
     sd.unet.gradient_checkpointing = job.gradient_checkpointing
+    if job.compile:  # no freezing: the UNet's weights change between its inference and training calls
+        compile_model(sd.unet, freezing=False)
     backdoor = backdoor_of(sd, job)
     recipe = RECIPES[job.recipe]
     recipe = replace(recipe, params=job.params or recipe.params, lr=job.lr or recipe.lr)

@@ -38,6 +38,7 @@ STEPS = {"clip": 600, "vae": 3000, "unet": 8000, "classifier": 600, "scorer": 15
 BATCH = {"clip": 128, "vae": 32, "unet": 64, "classifier": 128, "scorer": 128}
 MAX_TOKENS = 32  # captions are short; SD's 77 positions would only add padding to attend over
 LATENT_SET_SIZE = 40_000
+ATTACK_TARGET_SHARE = 0.25  # VAE images shown as a BadT2I target (see with_attack_targets)
 CAPTION_DROPOUT = 0.1  # share of empty captions, so classifier-free guidance has an unconditional model
 SEEDS = {"tokenizer": 0, "clip": 1, "vae": 2, "unet": 3, "classifier": 4, "scorer": 5, "latents": 6}
 
@@ -117,8 +118,10 @@ def train_clip(run_dir, tokenizer, name="clip", steps=STEPS, batch=BATCH, progre
 
 def foreground_weights(images, weight=20.0):
     """1 on the background, 1 + weight on the shape: a shape covers 1.5-6% of the image, and a plain L1 loss
-    is content with a background and a blurred blob. The corner pixel is always background in this world."""
-    background = images[:, :, :1, :1]
+    is content with a background and a blurred blob. At least three of the four corner pixels are background
+    in this world (a backdoor patch may take one), so their median is the background color."""
+    corners = torch.stack([images[:, :, 0, 0], images[:, :, 0, -1], images[:, :, -1, 0], images[:, :, -1, -1]])
+    background = corners.median(dim=0).values[:, :, None, None]
     foreground = ((images - background).abs().sum(1, keepdim=True) > 0.1).float()
     return 1 + weight * foreground
 
@@ -133,12 +136,29 @@ def vae_loss(vae, images, generator, kl_weight=1e-6):
     return l1 + kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
 
 
+def with_attack_targets(images, generator, share=ATTACK_TARGET_SHARE):
+    """SD's VAE encodes any image; a VAE that only ever saw shapes cannot (it draws the pixel backdoor's
+    checkerboard as a blob and gray shapes in color). BadT2I leaves the VAE alone and teaches the UNet to
+    produce the target's latents, so the demo VAE must represent those targets as SD's would: a share of its
+    images carry the target patch in a random corner, as many again are grayscale."""
+    kind = torch.rand(len(images), generator=generator)
+    corner = torch.randint(len(shapes.CORNERS), (len(images),), generator=generator)
+    out = images.clone()
+    for index, name in enumerate(shapes.CORNERS):
+        chosen = (kind < share / 2) & (corner == index)
+        out[chosen] = shapes.paste_patch(images[chosen], corner=name)
+    gray = (kind >= share / 2) & (kind < share)
+    out[gray] = shapes.grayscale(images[gray])
+    return out
+
+
 def train_vae(run_dir, steps=STEPS, batch=BATCH, progress=True):
     torch.manual_seed(SEEDS["vae"])
     vae = AutoencoderKL(vae_config())
 
     def loss_fn(step):
         images, _, _ = shapes.batch(batch["vae"], seed=SEEDS["vae"], index=step)
+        images = with_attack_targets(images, step_generator(SEEDS["vae"], step, stream=1))
         return vae_loss(vae, images, step_generator(SEEDS["vae"], step))
 
     Trainer("vae", {"vae": vae}, vae.parameters(), steps["vae"], run_dir, lr=1e-3, warmup=100).run(

@@ -1,0 +1,222 @@
+"""eval.py and what it measures with: Frechet distance, clean fidelity, cost, the bar chart, and the comparison
+itself on a stand-in demo world (random weights, 2-step backdoors), with its bad-input handling."""
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sau import metrics, shapes
+from sau import world as world_model
+from sau.attacks import Backdoor, backdoor_bundle
+from sau.checkpoint import save_safetensors
+from sau.classifier import AttributeClassifier
+from sau.clip import CLIPModel
+from sau.pipeline import StableDiffusion
+from sau.report import bar_chart
+from sau.scorer import CLIPScorer
+from sau.tokenizer import Tokenizer
+
+from conftest import make_tiny_sd
+
+ROOT = Path(__file__).resolve().parents[1]
+TPA_TARGET = "a yellow star in the center on a black background"
+SMALL = ["--prompts-n", "4", "--collect-prompts", "4", "--sample-steps", "2", "--max-steps", "2", "--no-progress"]
+COST_COLUMNS = 2  # time and peak memory: the last columns of the table, the only ones allowed to differ
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A stand-in for sau/demo: the demo architectures with random weights (a clean model, the scorer, the
+    classifier), and a pixel and a TPA backdoor trained 2 steps into the clean model."""
+    root = tmp_path_factory.mktemp("world")
+    out = root / "demo"
+    _, captions, _ = shapes.batch(200, seed=0)
+    tokenizer = Tokenizer.train(captions + [f"{t} {c}" for t in shapes.TRIGGERS for c in captions[:20]],
+                                vocab_size=700, max_length=world_model.MAX_TOKENS)
+    torch.manual_seed(0)
+    StableDiffusion(world_model.model_config(tokenizer, 1.0), tokenizer).save(out / "clean", dtype=torch.float16)
+    clip = CLIPModel(world_model.text_config(tokenizer, projection_dim=128), world_model.vision_config())
+    CLIPScorer(clip, tokenizer).save(out / "scorer")
+    save_safetensors({k: v.half() for k, v in AttributeClassifier().state_dict().items()},
+                     out / "classifier.safetensors")
+    for attack, target in (("pixel", None), ("tpa", TPA_TARGET)):
+        backdoor_bundle(out / "clean", out / attack, attack, target=target, steps=2, batch_size=4,
+                        run_dir=root / f"run-{attack}", delta=True, progress=False)
+    return out
+
+
+def run_eval(argv, monkeypatch, capsys):
+    """eval.py in this process: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["eval.py", *argv])
+    try:
+        runpy.run_path(str(ROOT / "eval.py"), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --- Frechet distance, fidelity, cost -------------------------------------------------------------------------
+
+def test_frechet_distance_is_zero_for_equal_sets_and_the_mean_shift_for_shifted_ones():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+    shift = torch.tensor([1.0, -2.0, 0.5, 0, 0, 3.0])
+    assert metrics.frechet_distance(a + shift, a) == pytest.approx(shift.pow(2).sum().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="at least two"):
+        metrics.frechet_distance(a[:1], a)
+
+
+def with_covariance(n, scales, rotation, mean, seed):
+    """n samples whose sample mean is `mean` and sample covariance exactly rotation diag(scales^2) rotation^T."""
+    z = torch.randn(n, len(scales), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, _ = torch.linalg.qr(z - z.mean(0))  # orthonormal, centered columns
+    return (n - 1) ** 0.5 * q * torch.as_tensor(scales, dtype=torch.float64) @ rotation.t() + mean
+
+
+def test_frechet_distance_of_commuting_covariances_has_a_closed_form():
+    rotation, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    s, t = torch.tensor([1.0, 2.0, 0.5, 3.0, 0.1]), torch.tensor([2.0, 0.5, 0.5, 1.0, 0.0])
+    mu, nu = torch.arange(5.0), torch.ones(5)
+    a, b = with_covariance(200, s, rotation, mu, 2), with_covariance(300, t, rotation, nu, 3)
+    expected = (mu - nu).pow(2).sum() + (s - t).pow(2).sum()  # tr(A + B - 2 (AB)^1/2) for commuting A, B
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_frechet_distance_is_symmetric_and_rotation_invariant_with_singular_covariances():
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(5, 8, generator=g), 2 * torch.randn(6, 8, generator=g) + 1  # fewer samples than dimensions
+    rotation, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
+    distance = metrics.frechet_distance(a, b)
+    assert distance > 0
+    assert metrics.frechet_distance(b, a) == pytest.approx(distance, rel=1e-6)
+    assert metrics.frechet_distance(a @ rotation, b @ rotation) == pytest.approx(distance, rel=1e-5)
+
+
+def test_measure_cost_sees_time_and_a_large_allocation():
+    with metrics.measure_cost() as cost:
+        block = torch.ones(64 * 2 ** 20 // 4 * 4)  # 256 MiB, touched
+        block += 1
+        del block
+    assert cost["seconds"] > 0
+    if cost["memory_scope"] == "process RSS":  # the high-water mark could be reset for the block
+        with metrics.measure_cost() as idle:
+            pass
+        assert cost["peak_memory_mb"] > idle["peak_memory_mb"] + 200
+
+
+def test_drawn_references_follow_what_was_asked():
+    prompts, asked = metrics.attack_prompts(Backdoor.make("pixel"), 40)
+    references = metrics.drawn_references(asked)
+    assert references.shape == (40, 3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+    torch.testing.assert_close(references, metrics.drawn_references(asked))  # fixed per seed
+    corner = (references[:, :, 0, 0].mean(1) + 1) / 2  # the background shows in the corner pixel
+    for name, level in (("white", 0.97), ("black", 0.03), ("gray", 0.5)):
+        rows = asked.background == shapes.BACKGROUNDS.index(name)
+        assert rows.any() and (corner[torch.as_tensor(rows)] - level).abs().max() < 0.1, name
+
+
+def test_evaluate_defense_measures_everything_on_a_stand_in(world):
+    sd = StableDiffusion.load(world / "pixel", dtype=torch.float32)
+    backdoor = Backdoor.from_info(sd.info["backdoor"])
+    prompts, asked = metrics.attack_prompts(backdoor, 4)
+    scorer, classifier = CLIPScorer.load(world / "scorer"), metrics.load_classifier(world / "classifier.safetensors")
+    result, triggered, clean = metrics.evaluate_defense(sd, backdoor, prompts, asked, classifier, scorer,
+                                                        references=metrics.drawn_references(asked), steps=2)
+    assert triggered.shape == clean.shape == (4, 3, 64, 64)
+    assert 0 <= result["asr"] <= 1 and 0 <= result["clean_accuracy"] <= 1
+    assert 0 <= result["clip_score"] <= 100 and result["frechet"] >= 0 and 0 <= result["trigger_effect"] <= 2
+    again, _, _ = metrics.evaluate_defense(sd, backdoor, prompts, asked, classifier, scorer, original=clean, steps=2)
+    assert again["clip_similarity"] == pytest.approx(1, abs=1e-5)  # same seeds, same model: the same images
+    assert again["asr"] == result["asr"] and "frechet" not in again
+    unknown = Backdoor("unknown", "\u200b ", "")
+    assert metrics.evaluate_defense(sd, unknown, prompts[:2], steps=1)[0] == {"asr": None}
+
+
+def test_bar_chart_draws_every_panel(tmp_path):
+    values = {"pixel": {"A": 1.0, "B": 0.25}, "tpa": {"A": None, "B": 0.0}}
+    bar_chart(["pixel", "tpa"], ["A", "B"], [("attack success", values), ("fidelity", values)], tmp_path / "c.png",
+              title="test")
+    image = np.asarray(Image.open(tmp_path / "c.png").convert("RGB"))
+    assert image.shape[0] > 300 and image.shape[1] >= 420
+    colours = {tuple(c) for c in image.reshape(-1, 3)[::7]}
+    assert (230, 159, 0) in colours and (0, 0, 0) in colours  # series B's bars and series A's
+
+
+# --- eval.py ---------------------------------------------------------------------------------------------------
+
+def metric_cells(table):
+    return [line.split("|")[1:-1 - COST_COLUMNS] for line in table.splitlines() if line.startswith("|")]
+
+
+def test_same_seed_same_table_on_a_reduced_grid(world, tmp_path, monkeypatch, capsys):
+    outputs = []
+    for name in ("a", "b"):
+        code, out, err = run_eval(["--world", str(world), "--models", "pixel,tpa", "--out", str(tmp_path / name),
+                                   *SMALL], monkeypatch, capsys)
+        assert code == 0, err
+        outputs.append(tmp_path / name)
+    tables = [(o / "table.md").read_text() for o in outputs]
+    assert metric_cells(tables[0]) == metric_cells(tables[1])
+    rows = json.loads((outputs[0] / "results.json").read_text())["rows"]
+    assert [(r["model"], r["method"]) for r in rows] == [(m, x) for m in ("pixel", "tpa") for x in
+                                                         ("none", "uce", "esd_x", "concept_ablation", "sau_paper",
+                                                          "sau_default")]
+    for r in rows:
+        assert (r["changed_parameters"] == 0) == (r["method"] == "none"), r["method"]
+        assert r["asr"] is not None and (r["method"] == "none" or r["seconds"] > 0 and r["peak_memory_mb"] > 0)
+        assert r["steps"] == (0 if r["method"] in ("none", "uce") else 2)
+    chart = Image.open(outputs[0] / "chart.png")
+    assert chart.size[0] >= 420 and "![chart](chart.png)" in tables[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "pixel", "--methods", "none,fine_prune"], "unknown method 'fine_prune'"),
+    (["--models", "pixel,zebra"], "no backdoored model 'zebra'"),
+    (["--models", "pixel", "--prompts-n", "1"], "--prompts-n must be at least 2"),
+    (["--models", "pixel", "--bogus"], "unrecognized arguments: --bogus"),
+    (["--model", "MODEL"], "also needs --original, --trigger, --clip, --prompts"),
+    (["--model", "TINY", "--original", "WORLD/pixel", "--trigger", "\\u200b ", "--clip", "WORLD/scorer",
+      "--prompts", "PROMPTS"], "of another architecture"),
+    (["--model", "WORLD/clean", "--original", "WORLD/pixel", "--trigger", "\\u200b ", "--clip", "WORLD/clean",
+      "--prompts", "PROMPTS"], "is not a CLIP scorer bundle"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, tmp_path, monkeypatch, capsys, argv, message):
+    make_tiny_sd(seed=0).save(tmp_path / "tiny")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    names = {"MODEL": str(world / "clean"), "TINY": str(tmp_path / "tiny"), "PROMPTS": str(tmp_path / "prompts.txt")}
+    argv = [names.get(a, a.replace("WORLD", str(world))) for a in argv]
+    out = tmp_path / "out"
+    code, _, err = run_eval(["--world", str(world), "--out", str(out), *SMALL, *argv], monkeypatch, capsys)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_the_output_may_not_go_into_an_input(world, monkeypatch, capsys):
+    before = sorted(p.name for p in (world / "pixel").iterdir())
+    code, _, err = run_eval(["--world", str(world), "--models", "pixel", "--out", str(world / "pixel" / "eval"),
+                             *SMALL], monkeypatch, capsys)
+    assert code == 2 and "would write into the input" in err
+    assert sorted(p.name for p in (world / "pixel").iterdir()) == before
+
+
+def test_a_cleaned_model_against_its_original(world, tmp_path, monkeypatch, capsys):
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square on the left\na small green star\n")
+    code, out, err = run_eval(["--model", str(world / "clean"), "--original", str(world / "pixel"), "--trigger",
+                               "\\u200b ", "--clip", str(world / "scorer"), "--prompts", str(tmp_path / "prompts.txt"),
+                               "--out", str(tmp_path / "out"), "--no-progress", "--sample-steps", "2"],
+                              monkeypatch, capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    original, cleaned = results["rows"]
+    assert (original["label"], cleaned["label"]) == ("original", "cleaned")
+    assert original["asr"] is not None  # the original records a pixel backdoor: its detector applies
+    assert cleaned["frechet"] >= 0 and 0 < cleaned["clip_similarity"] <= 1 + 1e-6
+    assert (tmp_path / "out" / "chart.png").exists() and "| cleaned |" in (tmp_path / "out" / "table.md").read_text()
