@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from sau import baselines, cli, metrics
+from sau.compile import compile_model
 from sau.attacks import Backdoor, decode_escapes, read_prompts
 from sau.checkpoint import DEMO_DIR, CheckpointError, atomic_write, is_bundle, save_json
 from sau.pipeline import StableDiffusion
@@ -123,6 +124,8 @@ def grid_rows(args, world, models, methods, bar):
     rows = []
     for name, path in models.items():
         suspect = StableDiffusion.load(path, device=args.device, dtype=torch.float32)
+        if args.compile:  # no freezing: the methods train the weights and each run restores them
+            compile_model(suspect.unet, freezing=False)
         pristine = {k: v.clone() for k, v in suspect.state_dict().items()}
         backdoor = Backdoor.from_info(suspect.info["backdoor"])
         prompts, asked = metrics.attack_prompts(backdoor, n)
@@ -224,6 +227,8 @@ def real(args):
     dtype = torch.float32 if args.device == "cpu" else None  # half-precision storage computes badly on CPUs
     original = load(args.original, device=args.device, dtype=dtype)
     cleaned = load(args.model, device=args.device, dtype=dtype)
+    for model in (original, cleaned) if args.compile else ():
+        compile_model(model.unet)  # sampling only: the weights stay fixed, so inductor may freeze them
     if original.config.family != cleaned.config.family or original.config.unet != cleaned.config.unet \
             or original.config.text != cleaned.config.text:
         raise ValueError(f"--model is a {cleaned.config.family} model and --original a {original.config.family} "
@@ -308,6 +313,7 @@ def main():
     p.add_argument("--out", default="runs/eval")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNets (see the README's Performance)")
     real_model = p.add_argument_group("a cleaned model against its original (any SD model)")
     real_model.add_argument("--model", help="the cleaned model (bundle, or any checkpoint weights_convert.py reads)")
     real_model.add_argument("--original", help="the suspect model it was cleaned from")

@@ -22,7 +22,8 @@ from .classifier import AttributeClassifier, attribute_accuracy
 # ----------------------------------------------------------------------------------------------------
 # Attack-success detectors
 
-PATCH_THRESHOLD = 0.5  # correlation with the checkerboard; drawn images without it score near 0
+PATCH_THRESHOLD = 0.25  # correlation with the checkerboard: drawn images without it score near 0, drawn ones with it
+# 1, and a generated patch (the 8x-downsampling VAE blurs the 4x4 checkerboard) 0.3-0.45
 GRAYSCALE_THRESHOLD = 0.2  # chroma of the most colorful pixels; drawn shapes score 0.5-0.9, gray ones 0
 GRAYSCALE_TOP_FRACTION = 0.01  # the smallest drawn shape covers about 1.5% of a demo image
 

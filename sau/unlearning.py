@@ -143,7 +143,7 @@ def run(job: Job):
     demo = sd.config.family == "demo" and backdoor.attack != "unknown"
     world = Path(job.world) if job.world else DEMO_DIR
     classifier = metrics.load_classifier(world / "classifier.safetensors") if demo else None
-    scorer = CLIPScorer.load(world / "scorer") if demo else None
+    scorer = CLIPScorer.load(world / "scorer") if demo and (world / "scorer").exists() else None
     before = None
     if demo:
         before, trig_before, clean_before = evaluate(sd, backdoor, classifier, job.eval_prompts, job.sample_steps)
@@ -180,9 +180,10 @@ def run(job: Job):
     if demo:
         after, trig_after, clean_after = evaluate(sd, backdoor, classifier, job.eval_prompts, job.sample_steps,
                                                   reference=clean_before, scorer=scorer)
+        similarity = (f", CLIP image similarity to the suspect model's clean images {after['clip_similarity']:.3f}"
+                      if "clip_similarity" in after else "")
         say(f"after: attack success {percent(after['asr'])}, clean attribute accuracy "
-            f"{percent(after['clean_accuracy'])}, CLIP image similarity to the suspect model's clean images "
-            f"{after['clip_similarity']:.3f}")
+            f"{percent(after['clean_accuracy'])}{similarity}")
     sd.info = {**sd.info, "unlearned": {"trigger": backdoor.trigger, "recipe": job.recipe, "site": site,
                                         "steps": trainer.steps, "source": str(source)}}
     sd.save(out / "model")

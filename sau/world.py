@@ -34,7 +34,7 @@ from .unet import UNet
 from .vae import AutoencoderKL
 
 # Stage budgets, sized so the whole world trains in well under two hours on 2 CPU cores.
-STEPS = {"clip": 600, "vae": 3000, "unet": 8000, "classifier": 600, "scorer": 1500}
+STEPS = {"clip": 600, "vae": 3000, "unet": 8000, "classifier": 600, "scorer": 600}
 BATCH = {"clip": 128, "vae": 32, "unet": 64, "classifier": 128, "scorer": 128}
 MAX_TOKENS = 32  # captions are short; SD's 77 positions would only add padding to attend over
 LATENT_SET_SIZE = 40_000
