@@ -211,11 +211,13 @@ def text_encoder_shift(sd, backdoor, prompts):
     return aligned_distance(sd.encode_text(triggered), sd.encode_text(clean), aligned, relative=True).item()
 
 
-def trigger_site(sd, backdoor, prompts, control="a", ratio=3.0):
-    """'text_encoder' when inserting the trigger moves the text encoder's output `ratio` times more than
+def trigger_site(sd, backdoor, prompts, control="a", ratio=1.0):
+    """'text_encoder' when inserting the trigger moves the text encoder's output more (`ratio` times) than
     inserting an ordinary word the same way; else 'unet'. Returns (site, trigger shift, control shift).
 
-    A clean encoder hardly reacts to one more token; a Rickrolled encoder rewrites the whole prompt."""
+    A clean encoder reacts to a rare, meaningless token less than to a word; a Rickrolled encoder rewrites
+    the whole prompt. On the demo backdoors: BadT2I's trigger 0.2 against a word's 0.59, Rickrolling's 1.06
+    against 0.77."""
     control_backdoor = replace(backdoor, trigger=control, replaces="" if not backdoor.replaces else " ")
     trigger_shift = text_encoder_shift(sd, backdoor, prompts)
     control_shift = text_encoder_shift(sd, control_backdoor, prompts)
