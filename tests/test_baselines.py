@@ -161,4 +161,5 @@ def test_remove_backdoor_dispatches_caps_and_refuses(tmp_path):
     for method in ("esd_x", "concept_ablation", "sau_paper", "sau_default"):
         info = baselines.remove_backdoor(method, sd, ZW, PROMPTS[:4], tmp_path / method, collected, max_steps=2)
         assert info["steps"] == 2, method
-    assert info["site"] == "unet" and info["changes"] == "cross-attention"
+    # a random model's text encoder may react to the trigger more than to a word: SAU then picks the encoder
+    assert (info["site"], info["changes"]) == ("unet", "cross-attention") or info["site"] == "text_encoder"

@@ -135,7 +135,8 @@ def test_bad_input_is_one_line_and_exit_2(tiny_bundle, tmp_path, args, message):
 
 def test_non_finite_loss_stops_and_says_so(tiny_bundle, tmp_path):
     result = unlearn("--model", str(tiny_bundle), "--trigger", "\\u200b ", "--lr", "1e30", "--steps", "5",
-                     "--recipe", "default", "--out", str(tmp_path / "out"), "--eval-prompts", "4", cwd=tmp_path)
+                     "--recipe", "default", "--where", "unet", "--out", str(tmp_path / "out"), "--eval-prompts", "4",
+                     cwd=tmp_path)
     assert result.returncode == 2 and "non-finite" in result.stderr and "last good weights" in result.stderr
     assert not (tmp_path / "out" / "model").exists()
 
