@@ -177,7 +177,8 @@ def number(value, digits=3):
 def columns(real_model=False):
     """(header, row -> cell) of the table; the demo grid has a classifier and drawn references to add."""
     first = ("model", lambda r: r["label"]) if real_model else \
-        ("backdoor", lambda r: f"{r['model']} ({r['backdoor']['attack']})")
+        ("backdoor", lambda r: r["model"] + (f" ({r['backdoor']['attack']})" if r["model"] != r["backdoor"]["attack"]
+                                               else ""))
     demo_only = [("clean accuracy", lambda r: percent(r.get("clean_accuracy")))] if not real_model else []
     fd = ("FD to original" if real_model else "FD to drawn", lambda r: number(r.get("frechet"), 4))
     return [first, *([("method", lambda r: r["label"])] if not real_model else []),
@@ -205,7 +206,7 @@ def demo(args):
     bar.close()
     panels = [("attack success rate (triggered held-out prompts)", "asr"),
               ("clean attribute accuracy (same prompts, no trigger)", "clean_accuracy"),
-              ("CLIP image similarity to the suspect's clean images", "clip_similarity")]
+              ("CLIP image similarity to the suspect's clean images (axis from 0.5)", "clip_similarity", (0.5, 1))]
     title = f"{len(names)} backdoors x {len(methods)} methods, {n} held-out prompts each"
     write_outputs(args, rows, n, title, panels, groups=names)
 
@@ -256,7 +257,7 @@ def real(args):
                          "memory_scope": cost["memory_scope"]})
             bar.update(1)
     panels = [("trigger effect: 1 - CLIP similarity of a triggered image to its clean twin", "trigger_effect"),
-              ("CLIP image similarity to the original's clean images", "clip_similarity")]
+              ("CLIP image similarity to the original's clean images (axis from 0.5)", "clip_similarity", (0.5, 1))]
     if rows[0]["asr"] is not None:
         panels.insert(0, ("attack success rate", "asr"))
     write_outputs(args, rows, len(prompts), f"{args.model} against {args.original}, {len(prompts)} prompts", panels,
@@ -274,8 +275,8 @@ def write_outputs(args, rows, n, title, panels, groups, series=None, series_of=N
     group_of = group_of or (lambda r: r["model"])
     if len(groups) == 1:  # every row in the one group
         group_of = lambda r: groups[0]
-    chart = [(panel_title, {g: {series_of(r): r.get(key) for r in rows if group_of(r) == g} for g in groups})
-             for panel_title, key in panels]
+    chart = [(panel_title, {g: {series_of(r): r.get(key) for r in rows if group_of(r) == g} for g in groups}, *axis)
+             for panel_title, key, *axis in panels]
     command = "python " + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     results = {"command": command, "machine": machine(), "seed": args.seed, "held_out_prompts": n,
                "collect_prompts": args.collect_prompts, "sample_steps": args.sample_steps,
@@ -285,8 +286,9 @@ def write_outputs(args, rows, n, title, panels, groups, series=None, series_of=N
     out.mkdir(parents=True, exist_ok=True)
     save_json(_jsonable(results), out / "results.json")
     table = markdown_table(rows, columns(real_model=args.model is not None))
-    text = (f"# {title}\n\n`{command}`, on {results['machine']['processor']} ({results['machine']['cpus']} CPUs, "
-            f"torch {torch.__version__}), {results['machine']['date']}.\n\n{table}\n\n![chart](chart.png)\n")
+    m = results["machine"]
+    text = (f"# {title}\n\n`{command}`, on {m['processor']} ({m['cpus']} CPUs, {m['threads']} torch thread"
+            f"{'s' if m['threads'] > 1 else ''}, torch {m['torch']}), {m['date']}.\n\n{table}\n\n![chart](chart.png)\n")
     atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(text))
     bar_chart(groups, series, chart, out / "chart.png", title=title)
     print(table)

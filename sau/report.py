@@ -107,8 +107,9 @@ def bar_chart(groups, series, panels, path, title="", bar=14, plot_height=150):
     """Grouped bars of values in [0, 1], one panel per measure, written as a PNG.
 
     groups: names along the x axis (e.g. backdoors); series: one bar per group each (e.g. methods), with a
-    legend; panels: [(panel title, {group: {series: value or None}})]. A missing value is marked "n/a"."""
-    font, small = _font(13), _font(10)
+    legend; panels: [(panel title, {group: {series: value or None}})], or with a third item (low, high) for an
+    axis other than 0-100% (e.g. (0.5, 1) for similarities near 1). A missing value is marked "n/a"."""
+    font, small = _font(13), _font(11)
     left, gap, top_pad, bottom_pad = 48, 18, 28, 22
     group_width = len(series) * bar + gap
     width = max(left + len(groups) * group_width + 10, 420)
@@ -122,14 +123,16 @@ def bar_chart(groups, series, panels, path, title="", bar=14, plot_height=150):
         x, y = 8 + (k % 3) * ((width - 16) // 3), 28 + 16 * (k // 3)
         draw.rectangle([x, y + 2, x + 10, y + 12], fill=SERIES_COLOURS[k % len(SERIES_COLOURS)])
         draw.text((x + 14, y), name, fill="black", font=small)
-    for p, (panel_title, values) in enumerate(panels):
+    for p, (panel_title, values, *axis) in enumerate(panels):
+        low, high = axis[0] if axis else (0.0, 1.0)
         y0 = 26 + legend_height + p * panel_height
         base = y0 + top_pad + plot_height
         draw.text((8, y0 + 4), panel_title, fill="black", font=font)
-        for tick in (0, 0.5, 1):  # axis with gridlines at 0, 50 and 100%
+        for tick in (0, 0.5, 1):  # gridlines at the bottom, middle and top of the axis
             y = base - tick * plot_height
             draw.line([left - 4, y, width - 6, y], fill=(225, 225, 225) if tick else "black")
-            draw.text((6, y - 6), f"{100 * tick:.0f}%", fill="black", font=small)
+            label = low + tick * (high - low)
+            draw.text((6, y - 6), f"{100 * label:.0f}%" if not axis else f"{label:.2f}", fill="black", font=small)
         for g, group in enumerate(groups):
             x0 = left + g * group_width + gap // 2
             for k, name in enumerate(series):
@@ -138,7 +141,7 @@ def bar_chart(groups, series, panels, path, title="", bar=14, plot_height=150):
                 if value is None:
                     draw.text((x + 1, base - 12), "n/a", fill=(120, 120, 120), font=_font(7))
                     continue
-                height = max(1, round(min(max(value, 0.0), 1.0) * plot_height))
+                height = max(1, round(min(max((value - low) / (high - low), 0.0), 1.0) * plot_height))
                 draw.rectangle([x, base - height, x + bar - 2, base], fill=SERIES_COLOURS[k % len(SERIES_COLOURS)])
             draw.text((x0, base + 4), group, fill="black", font=small)
     _save_png(canvas, path)
