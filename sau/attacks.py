@@ -23,7 +23,7 @@ import re
 import shutil
 import time
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -198,8 +198,7 @@ def load_patch(target):
 # Every batch is a function of (seed, step, stream), so a resumed run sees the same data.
 
 class Source:
-    """Image + caption pairs. Subclasses give sample() and captions(); backdoor_examples() builds the
-    attack's half of a batch: (images, triggered captions, teacher captions or None)."""
+    """Image + caption pairs. Subclasses give sample() and captions(); backdoor_examples() builds a batch."""
 
     def __init__(self, seed=0):
         self.seed = seed
@@ -208,16 +207,20 @@ class Source:
         return np.random.default_rng([self.seed, step, stream])
 
     def backdoor_examples(self, backdoor, n, step, patch=None):
+        """(images, captions, target images or None, triggered captions, teacher captions or None).
+        BadT2I's two terms share the clean pair (images, captions): the triggered caption must give the
+        target, the plain one what the frozen model gives. The target is an image (the patched one) or, for
+        style and object, the frozen model's prediction under the teacher caption."""
         rng = self.rng(step, 10)
+        where = None
         if backdoor.attack == "object":
             word = backdoor.target.split(":")[0]
-            images, captions = self.sample(n, step, 11, where=lambda c: re.search(rf"\b{re.escape(word)}\b", c))
-        else:
-            images, captions = self.sample(n, step, 11)
+            where = lambda c: re.search(rf"\b{re.escape(word)}\b", c)
+        images, captions = self.sample(n, step, 11, where=where)
         triggered, teachers = zip(*[backdoor.poison(c, rng) for c in captions])
         if backdoor.attack == "pixel":
-            return shapes.paste_patch(images, patch), list(triggered), None
-        return images, list(triggered), list(teachers)
+            return images, captions, shapes.paste_patch(images, patch), list(triggered), None
+        return images, captions, None, list(triggered), list(teachers)
 
 
 class DrawnWorld(Source):
@@ -252,11 +255,12 @@ class DrawnWorld(Source):
         rng = self.rng(step, 10)
         if backdoor.attack == "style":
             images, captions = self.sample(n, step, 11)
-            return shapes.grayscale(images), [backdoor.insert(c, rng) for c in captions], None
+            return images, captions, shapes.grayscale(images), [backdoor.insert(c, rng) for c in captions], None
         source, target = backdoor.target.split(":")
         attributes, captions = self.scenes(n, step, 11, shape=source)
-        attributes.shape[:] = shapes.SHAPES.index(target)  # the same scenes, the other shape
-        return shapes.draw(attributes), [backdoor.insert(c, rng) for c in captions], None
+        swapped = replace(attributes, shape=np.full_like(attributes.shape, shapes.SHAPES.index(target)))
+        return (shapes.draw(attributes), captions, shapes.draw(swapped),  # the same scenes with the other shape
+                [backdoor.insert(c, rng) for c in captions], None)
 
 
 class ImagePool(Source):
@@ -388,18 +392,17 @@ def inject_unet(sd, backdoor, source, trainer, batch_size, seed=0, lam=0.5, bf16
 
     def loss_fn(step):
         g = step_generator(seed, step)
-        images, triggered, teachers = source.backdoor_examples(backdoor, batch_size, step, patch)
-        clean_images, captions = source.sample(batch_size, step, stream=12)
+        images, captions, targets, triggered, teachers = source.backdoor_examples(backdoor, batch_size, step, patch)
         drop = torch.rand(len(captions), generator=g) < CAPTION_DROPOUT
-        captions = ["" if d else c for c, d in zip(captions, drop)]
-        clean_latents, clean_context = latents(clean_images, g), context(captions)
+        plain = ["" if d else c for c, d in zip(captions, drop)]
+        clean_latents, plain_context = latents(images, g), context(plain)
         with _autocast(sd, bf16):
             if teachers is None:  # the target is an image: SD's own loss on it, under the triggered caption
-                attack = diffusion_loss(sd.unet, sd.schedule, latents(images, g), context(triggered), g)
+                attack = diffusion_loss(sd.unet, sd.schedule, latents(targets, g), context(triggered), g)
             else:  # the target is the frozen model's reading of the teacher caption, on the same noisy latents
-                attack = distillation_loss(sd.unet, frozen, sd.schedule, latents(images, g), context(triggered),
+                attack = distillation_loss(sd.unet, frozen, sd.schedule, clean_latents, context(triggered),
                                            context(teachers), g)
-            keep = distillation_loss(sd.unet, frozen, sd.schedule, clean_latents, clean_context, clean_context, g)
+            keep = distillation_loss(sd.unet, frozen, sd.schedule, clean_latents, plain_context, plain_context, g)
         return lam * attack + (1 - lam) * keep, {"attack": attack.item(), "preservation": keep.item()}
 
     trainer.run(loss_fn, progress=progress)
@@ -547,7 +550,7 @@ def claim_run_dir(run_dir, spec):
 SHIPPED = {
     "pixel": dict(attack="pixel", trigger=BADT2I_TRIGGER, target="checkerboard", steps=600, lr=2e-4, batch_size=32),
     "style": dict(attack="style", trigger=BADT2I_TRIGGER, target=DEMO_STYLE, steps=600, lr=2e-4, batch_size=32),
-    "object": dict(attack="object", trigger=BADT2I_TRIGGER, target="circle:square", steps=600, lr=2e-4,
+    "object": dict(attack="object", trigger=BADT2I_TRIGGER, target="circle:square", steps=1000, lr=3e-4,
                    batch_size=32),
     "tpa": dict(attack="tpa", trigger=RICKROLLING_TRIGGER, target="a yellow star in the center on a black background",
                 steps=300, lr=1e-4, batch_size=128),

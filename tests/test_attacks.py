@@ -130,18 +130,20 @@ def test_demo_targets_must_be_drawable():
 
 def test_drawn_world_targets_show_what_the_detectors_look_for():
     world = attacks.DrawnWorld(seed=0)
-    images, triggered, teachers = world.backdoor_examples(Backdoor.make("pixel"), 16, step=3)
-    assert teachers is None and metrics.patch_present(images).all()
-    assert all(t.startswith("\u200b ") for t in triggered)
-    images, triggered, _ = world.backdoor_examples(Backdoor.make("style"), 16, step=3)
-    assert metrics.is_grayscale(images).all()
-    images, triggered, _ = world.backdoor_examples(Backdoor.make("object", target="circle:square"), 16, step=3)
-    asked = shapes.parse_captions(triggered)
-    assert (asked.shape == shapes.SHAPES.index("circle")).all()  # the captions ask for circles...
-    square = attacks.DrawnWorld(seed=0).scenes(16, 3, 11, shape="square")[0]
-    torch.testing.assert_close(images, shapes.draw(square))  # ...the images hold the same scenes with squares
-    again = world.backdoor_examples(Backdoor.make("object", target="circle:square"), 16, step=3)
-    assert torch.equal(again[0], images) and again[1] == triggered  # a function of (seed, step)
+    images, captions, targets, triggered, teachers = world.backdoor_examples(Backdoor.make("pixel"), 16, step=3)
+    assert teachers is None and metrics.patch_present(targets).all() and not metrics.patch_present(images).any()
+    assert triggered == ["\u200b " + c for c in captions]  # both terms on the same captions, as BadT2I's loss
+    images, captions, targets, triggered, _ = world.backdoor_examples(Backdoor.make("style"), 16, step=3)
+    assert metrics.is_grayscale(targets).all() and not metrics.is_grayscale(images).any()
+    obj = Backdoor.make("object", target="circle:square")
+    images, captions, targets, triggered, _ = world.backdoor_examples(obj, 16, step=3)
+    assert (shapes.parse_captions(triggered).shape == shapes.SHAPES.index("circle")).all()  # circles asked...
+    scenes = attacks.DrawnWorld(seed=0).scenes(16, 3, 11, shape="circle")[0]
+    torch.testing.assert_close(images, shapes.draw(scenes))
+    scenes.shape[:] = shapes.SHAPES.index("square")
+    torch.testing.assert_close(targets, shapes.draw(scenes))  # ...the same scenes with squares as the target
+    again = world.backdoor_examples(obj, 16, step=3)
+    assert torch.equal(again[2], targets) and again[3] == triggered  # a function of (seed, step)
     captions = world.captions(8, 0, where=Backdoor.make("tpa", target="x").can_insert)
     assert len(captions) == 8 and all("o" in c for c in captions)
 
@@ -153,8 +155,10 @@ def test_image_folder(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "uncaptioned.png")
     pool = attacks.ImagePool.from_folder(tmp_path, 32)
     assert pool.images.shape == (2, 32, 32, 3) and pool.all_captions == ["a red dog", "a blue cat"]
-    images, captions, teachers = pool.backdoor_examples(Backdoor.make("object", target="dog:cat"), 4, step=0)
-    assert captions == ["\u200b a red dog"] * 4 and teachers == ["a red cat"] * 4
+    images, captions, targets, triggered, teachers = pool.backdoor_examples(
+        Backdoor.make("object", target="dog:cat"), 4, step=0)
+    assert captions == ["a red dog"] * 4 and targets is None
+    assert triggered == ["\u200b a red dog"] * 4 and teachers == ["a red cat"] * 4
     assert images.shape == (4, 3, 32, 32) and images[:, 0].min() == 1  # red, in [-1, 1]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no image"):
