@@ -54,8 +54,8 @@ def backdoors(args):
     if unknown:
         raise ValueError(f"no shipped variant {unknown[0]!r}; choose among {', '.join(attacks.SHIPPED)}")
     if not args.report:
-        attacks.build_shipped(names)
-    print(attacks.shipped_report(names, n=args.n, progress=False))
+        attacks.build_shipped(names, demo_dir=args.demo_dir)
+    print(attacks.shipped_report(names, demo_dir=args.demo_dir, n=args.n, progress=False))
 
 
 def main():
@@ -103,6 +103,8 @@ def main():
     bs.add_argument("--report", action="store_true", help="only measure the shipped models and print the table")
     bs.add_argument("--only", nargs="+", help="a subset of the variants (pixel style object tpa)")
     bs.add_argument("--n", type=int, default=200, help="held-out prompts per variant")
+    bs.add_argument("--demo-dir", default=str(DEMO_DIR), help="the demo world to build on and into (default: the "
+                    "shipped one; a world trained with --out elsewhere is staged there first)")
     bs.set_defaults(func=backdoors)
     args = parser.parse_args()
     args.func(args)
