@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .ddim import ddim_step, ddim_timesteps, guided_model_fn
-from .sau import RECIPES, precompute_contexts, trainable_parameters, triggered_pairs, trigger_site, \
-    unlearn_text_encoder, unlearn_unet
+from .sau import RECIPES, precompute_contexts, trainable_parameters, triggered_pairs, trigger_site
 from .training import Trainer, diffusion_loss, step_generator
-from .unlearning import TEXT_PROMPTS, builtin_prompts
+from .unlearning import unlearn_at
 
 METHODS = ("none", "uce", "esd_x", "concept_ablation", "sau_paper", "sau_default")
 LABELS = {"none": "no defense", "uce": "UCE", "esd_x": "ESD-x", "concept_ablation": "Concept Ablation",
@@ -212,14 +211,11 @@ def sau(sd, backdoor, prompts, collected, recipe, run_dir, seed=0, progress=True
     """SAU as unlearn.py runs it (without inversion): unlearn where the trigger acts, with the recipe. The text
     route, which needs no generations, takes as many built-in prompts as unlearn.py gives it."""
     site, _, _ = trigger_site(sd, backdoor, collected.clean_prompts)
-    if site == "text_encoder":
-        steps = min(recipe.text_steps, max_steps or recipe.text_steps)
-        text_prompts = builtin_prompts(sd, TEXT_PROMPTS, seed)
-        trainer = unlearn_text_encoder(sd, backdoor, text_prompts, recipe, run_dir, seed, steps, progress)
-        return {"steps": trainer.steps, "changes": "the text encoder", "site": site}
-    trainer = unlearn_unet(sd, collected, recipe, run_dir, seed, min(recipe.steps, max_steps or recipe.steps),
-                           progress=progress)
-    changes = "cross-attention" if recipe.params == "attn2" else "the whole UNet"
+    cap = recipe.text_steps if site == "text_encoder" else recipe.steps
+    trainer = unlearn_at(site, sd, backdoor, collected, recipe, run_dir, seed=seed, steps=min(cap, max_steps or cap),
+                         progress=progress)
+    changes = ("the text encoder" if site == "text_encoder" else
+               "cross-attention" if recipe.params == "attn2" else "the whole UNet")
     return {"steps": trainer.steps, "changes": changes, "site": site}
 
 

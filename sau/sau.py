@@ -11,6 +11,8 @@ The library form of `unlearn.py`, in the order the method runs:
                  a * sum_l ||A_l[trigger columns] * M||^2          spatial attention suppression
                + b * ||eps(x_t, trigger + p) - sg eps_orig(x_t, p)||^2   triggered behaves as clean
                + c * ||eps(x_t, p) - sg eps_orig(x_t, p)||^2             clean keeps its behaviour
+              where the b and c terms also read a pool of prompts that were never generated (any noised
+              latent can be read under any prompt), so they cover far more of the prompt space;
               text encoder: distil the embedding of a triggered prompt to the frozen encoder's embedding of
               the same prompt without the trigger, clean prompts kept.
 
@@ -43,13 +45,14 @@ class Recipe:
     constant_lr: bool = False
     text_steps: int = 300  # steps for the text-encoder route
     text_lr: float = 1e-4
+    pool_prompts: int = 0  # prompts the distillation and preservation terms read (0: the collected ones only)
 
 
 RECIPES = {
     # The authors' prototype: attention suppression only, whole UNet, tiny learning rate, batch 1.
     "paper": Recipe("paper", 1.0, 0.0, 0.0, "all", 2e-6, 100, 1, False, steps_after_inversion=35, constant_lr=True),
     # This project's recipe, tuned on the demo backdoors (see the README for the numbers behind it).
-    "default": Recipe("default", 1.0, 1.0, 1.0, "attn2", 3e-4, 300, 8, True),
+    "default": Recipe("default", 1.0, 1.0, 1.0, "attn2", 3e-4, 300, 8, True, pool_prompts=512),
 }
 
 
@@ -310,10 +313,12 @@ def precompute_contexts(sd, prompts):
         return torch.cat([sd.encode_text(prompts[i:i + 64]) for i in range(0, len(prompts), 64)])
 
 
-def unlearn_unet(sd, collected, recipe, run_dir, seed=0, steps=None, inverted=None, progress=True):
+def unlearn_unet(sd, collected, recipe, run_dir, seed=0, steps=None, inverted=None, pool=None, progress=True):
     """Step 4 on the UNet, in place. With `inverted` token embeddings (step 3), every batch is seen twice: once
-    with the literal trigger, once with the inverted tokens in its place. Returns the Trainer (its log holds
-    the loss curve)."""
+    with the literal trigger, once with the inverted tokens in its place. `pool`: (triggered, clean) prompt
+    lists for the distillation and preservation terms on clean latents; a noised latent can be read under any
+    prompt, so these terms can see far more prompts than were generated (default: the collected ones).
+    Returns the Trainer (its log holds the loss curve)."""
     unet = sd.unet
     teacher = copy.deepcopy(unet).eval().requires_grad_(False)
     unet.train()
@@ -323,6 +328,8 @@ def unlearn_unet(sd, collected, recipe, run_dir, seed=0, steps=None, inverted=No
         p.requires_grad_(True)
     trig_ctx = precompute_contexts(sd, collected.prompts)
     clean_ctx = precompute_contexts(sd, collected.clean_prompts)
+    pool_trig_ctx, pool_clean_ctx = (trig_ctx, clean_ctx) if pool is None else \
+        (precompute_contexts(sd, pool[0]), precompute_contexts(sd, pool[1]))
     columns = column_mask(collected.positions, sd.tokenizer.max_length)
     if inverted is not None:
         with torch.no_grad():
@@ -355,17 +362,18 @@ def unlearn_unet(sd, collected, recipe, run_dir, seed=0, steps=None, inverted=No
         # The clean generations, noised: sampling from noise passes near them too, so the triggered prompt
         # must learn to behave as the clean one there as well as on the backdoor's own outputs.
         x_c, t_c = noised(collected.clean_latents[idx], g)
+        pidx = idx if pool is None else torch.randint(0, len(pool_trig_ctx), (recipe.batch_size,), generator=g)
         with torch.no_grad():
-            target_c = teacher(x_c, t_c, clean_ctx[idx])
+            target_c = teacher(x_c, t_c, pool_clean_ctx[pidx])
         if recipe.distill_weight:
             with torch.no_grad():
                 target = teacher(x_t, t, clean_ctx[clean_rows])
             distill = (F.mse_loss(eps_triggered.float(), target.float())
-                       + F.mse_loss(unet(x_c, t_c, trig_ctx[idx]).float(), target_c.float()))
+                       + F.mse_loss(unet(x_c, t_c, pool_trig_ctx[pidx]).float(), target_c.float()))
             loss = loss + recipe.distill_weight * distill
             logs["distill"] = distill.item()
         if recipe.preserve_weight:
-            preserve = F.mse_loss(unet(x_c, t_c, clean_ctx[idx]).float(), target_c.float())
+            preserve = F.mse_loss(unet(x_c, t_c, pool_clean_ctx[pidx]).float(), target_c.float())
             loss = loss + recipe.preserve_weight * preserve
             logs["preserve"] = preserve.item()
         return loss, logs

@@ -19,8 +19,8 @@ from .checkpoint import DEMO_DIR, resolve_model_path
 from .compile import compile_model
 from .scorer import CLIPScorer
 from .report import heatmap_figure, image_grid, percent, write_report
-from .sau import (RECIPES, collect, invert_trigger, trigger_heatmaps, trigger_site, unlearn_text_encoder,
-                  unlearn_unet)
+from .sau import (RECIPES, collect, invert_trigger, trigger_heatmaps, trigger_site, triggered_pairs,
+                  unlearn_text_encoder, unlearn_unet)
 
 
 TEXT_PROMPTS = 512
@@ -75,6 +75,20 @@ def builtin_prompts(sd, n, seed):
         _, captions, _ = shapes.batch(n, seed=1000 + seed)
         return captions
     return (DEFAULT_PROMPTS * (n // len(DEFAULT_PROMPTS) + 1))[:n]
+
+
+def unlearn_at(site, sd, backdoor, collected, recipe, run_dir, prompts=None, seed=0, steps=None, inverted=None,
+               progress=True):
+    """Step 4 where the trigger acts. Text prompts cost no generations, so both routes read many more of them
+    than were collected: the text encoder learns on TEXT_PROMPTS pairs, the UNet's text-conditioned terms on
+    the recipe's pool (user prompts, when given, take the place of the built-in ones). Returns the Trainer."""
+    if site == "text_encoder":
+        text_prompts = prompts or builtin_prompts(sd, TEXT_PROMPTS, seed)
+        return unlearn_text_encoder(sd, backdoor, text_prompts, recipe, run_dir, seed, steps, progress)
+    pool = None
+    if recipe.pool_prompts:
+        pool = triggered_pairs(backdoor, prompts or builtin_prompts(sd, recipe.pool_prompts, seed))
+    return unlearn_unet(sd, collected, recipe, run_dir, seed, steps, inverted, pool, progress)
 
 
 def trigger_columns_text(sd, prompt, positions):
@@ -160,16 +174,12 @@ def run(job: Job):
                             "invert": job.invert, "steps": job.steps, "where": job.where, "seed": job.seed})
     inverted = None
     unlearn_started = time.time()
-    if site == "text_encoder":
-        # The text route needs no generations: it can afford many more prompts than were sampled.
-        text_prompts = job.prompts or builtin_prompts(sd, TEXT_PROMPTS, job.seed)
-        trainer = unlearn_text_encoder(sd, backdoor, text_prompts, recipe, run_dir, job.seed, job.steps, job.progress)
-    else:
-        steps = job.steps or recipe.steps
-        if job.invert:
-            inverted = invert_trigger(sd, collected, run_dir, seed=job.seed, progress=job.progress)
-            steps = job.steps or recipe.steps_after_inversion or recipe.steps
-        trainer = unlearn_unet(sd, collected, recipe, run_dir, job.seed, steps, inverted, job.progress)
+    steps = job.steps
+    if job.invert and site == "unet":
+        inverted = invert_trigger(sd, collected, run_dir, seed=job.seed, progress=job.progress)
+        steps = job.steps or recipe.steps_after_inversion or None
+    trainer = unlearn_at(site, sd, backdoor, collected, recipe, run_dir, job.prompts, job.seed, steps, inverted,
+                         job.progress)
     unlearn_seconds = time.time() - unlearn_started
 
     # 5. verify and write

@@ -1,4 +1,5 @@
 """SAU's stages on tiny random models and the real CLIP vocabulary; unlearn.py's bad-input handling."""
+import copy
 import json
 from dataclasses import replace
 import subprocess
@@ -155,3 +156,21 @@ def test_a_short_run_on_the_shipped_pixel_backdoor_removes_most_of_it(tmp_path):
     assert report["after"]["clean_accuracy"] >= report["before"]["clean_accuracy"] - 0.1
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
     assert (tmp_path / "out" / "heatmaps.png").exists() and (tmp_path / "out" / "images.png").exists()
+
+
+def test_a_prompt_pool_teaches_prompts_that_were_never_generated(tmp_path):
+    sd = make_tiny_sd(seed=4)
+    collected = collect(sd, ZW, ["a red circle", "a blue star"], seeds=range(2), steps=3, guidance_scale=3.0)
+    pool = triggered_pairs(ZW, ["a big green square on the left", "a small yellow cross", "an orange disk, top"])
+    original = copy.deepcopy(sd.unet)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, *collected.latents.shape[1:], generator=g), torch.tensor([100, 500, 900])
+
+    def gap():  # how far the pool's triggered prompts are from what the original model does with their clean twins
+        with torch.no_grad():
+            return (sd.unet(x, t, sd.encode_text(pool[0])) - original(x, t, sd.encode_text(pool[1]))).pow(2).mean()
+
+    before = gap()
+    recipe = replace(RECIPES["default"], lr=3e-3, attention_weight=0.0)
+    unlearn_unet(sd, collected, recipe, tmp_path, steps=40, pool=pool, progress=False)
+    assert gap() < 0.5 * before
