@@ -177,7 +177,7 @@ def run(job: Job):
     steps = job.steps
     if job.invert and site == "unet":
         inverted = invert_trigger(sd, collected, run_dir, seed=job.seed, progress=job.progress)
-        steps = job.steps or recipe.steps_after_inversion or None
+        steps = job.steps or recipe.steps_after_inversion
     trainer = unlearn_at(site, sd, backdoor, collected, recipe, run_dir, job.prompts, job.seed, steps, inverted,
                          job.progress)
     unlearn_seconds = time.time() - unlearn_started
