@@ -4,8 +4,9 @@
 
 1. the CPU table's rows (python -m benchmarks), in bf16 at 64x64 latents, sau against diffusers;
 2. sampling throughput: 50 DDIM steps with guidance at 64x64 (512 px images), images per second, both;
-3. one SAU unlearning run as `unlearn.py --recipe paper` does it after inversion: 12 triggered prompts collected
-   (25 steps each, with their cross-attention maps), then 35 steps of whole-UNet AdamW on the attention loss;
+3. SAU unlearning runs of 35 steps on 12 triggered prompts collected (25 steps each, with their cross-attention
+   maps): the `paper` recipe as `unlearn.py --recipe paper` runs it after inversion (whole-UNet AdamW on the
+   attention loss), then the `default` recipe (attn2 parameters, three terms, a frozen teacher copy);
 and the peak GPU memory of each. `--quick --device cpu` runs the same script on a tiny model in seconds,
 which is how it is checked where there is no GPU.
 """
@@ -53,9 +54,9 @@ def throughput(runners, config, size, batch, steps, dtype, device, repeats):
     return out
 
 
-def sau_run(pipe, config, dtype, device, steps, collect_steps):
-    """Locate + collect + `paper` recipe unlearning on a sau model sharing the reference's weights (it trains
-    them in place, so this runs last)."""
+def sau_run(pipe, config, dtype, device, steps, collect_steps, recipe):
+    """Locate + collect + unlearning with one recipe on a sau model sharing the reference's weights (it trains
+    them in place, so these runs come last)."""
     config, tokenizer = tokenizer_for(config)
     sd = sau_model(pipe, config, tokenizer)
     backdoor = Backdoor.make("pixel", trigger=TRIGGER)
@@ -65,14 +66,14 @@ def sau_run(pipe, config, dtype, device, steps, collect_steps):
     collected_s = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()
-        trainer = unlearn_unet(sd, collected, RECIPES["paper"], run_dir, steps=steps, progress=False)
+        trainer = unlearn_unet(sd, collected, RECIPES[recipe], run_dir, steps=steps, progress=False)
         total_s = time.perf_counter() - started
         log = (trainer.log_path.read_text().strip().splitlines() or ["{}"])[-1]
     last = json.loads(log)
     return {"prompts": len(collected.prompts), "collect_steps": collect_steps, "collect_s": collected_s,
             "unlearn_steps": trainer.steps, "unlearn_train_s": last.get("elapsed_s"),
             "unlearn_with_checkpoint_s": total_s, "final_loss": last.get("loss"), "peak_mib": peak_mib(device),
-            "dtype": str(dtype).removeprefix("torch.")}
+            "dtype": str(dtype).removeprefix("torch."), "recipe": recipe}
 
 
 def parse(argv):
@@ -115,11 +116,13 @@ def main(argv=None):
     # weights included: the most allocated at once since the models were built
     table_peak = max(highest_cuda_mib(), peak_mib(device)) if device.type == "cuda" else None
     del runners, setting
-    say("SAU run")
-    unlearning = sau_run(pipe, config, dtype, device, steps=args.unlearn_steps, collect_steps=args.collect_steps)
+    unlearning = {}
+    for recipe in ("paper", "default"):
+        say(f"SAU run, {recipe} recipe")
+        unlearning[recipe] = sau_run(pipe, config, dtype, device, args.unlearn_steps, args.collect_steps, recipe)
     report = {"command": "python -m benchmarks.gpu " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine(), "model": "tiny" if args.quick else "sd1 (SD1.5 size)", "device": str(device),
-              "rows": rows, "sampling": sampling, "sau_run": unlearning, "table_peak_mib": table_peak,
+              "rows": rows, "sampling": sampling, "sau_runs": unlearning, "table_peak_mib": table_peak,
               "wall_s": time.time() - started}
     print(summary(report))
     save_json(report, args.json)
@@ -128,17 +131,18 @@ def main(argv=None):
 
 
 def summary(report):
-    """The table, the throughput and the SAU run, as the README shows them."""
-    sampling, u = report["sampling"], report["sau_run"]
+    """The table, the throughput and the SAU runs, as the README shows them."""
+    sampling = report["sampling"]
     mib = lambda v: f"{v:.0f} MiB" if v is not None else "n/a (CPU)"  # noqa: E731
     return "\n".join([
         table(report["rows"]), "",
         f"- sampling, {sampling['steps']} DDIM steps with guidance, batch {sampling['batch']}, {sampling['size']}x"
         f"{sampling['size']} latents: sau {sampling['sau_images_per_s']:.2f} images/s, diffusers "
         f"{sampling['diffusers_images_per_s']:.2f} images/s",
-        f"- SAU run ({u['dtype']}, paper recipe): collect {u['prompts']} prompts x {u['collect_steps']} steps in "
-        f"{u['collect_s']:.1f} s; unlearn {u['unlearn_steps']} steps in {u['unlearn_train_s']} s "
-        f"({u['unlearn_with_checkpoint_s']:.1f} s with the final checkpoint); peak GPU memory {mib(u['peak_mib'])}",
+        *[f"- SAU run ({u['dtype']}, {u['recipe']} recipe): collect {u['prompts']} prompts x {u['collect_steps']} "
+          f"steps in {u['collect_s']:.1f} s; unlearn {u['unlearn_steps']} steps in {u['unlearn_train_s']} s "
+          f"({u['unlearn_with_checkpoint_s']:.1f} s with the final checkpoint); peak GPU memory {mib(u['peak_mib'])}"
+          for u in report["sau_runs"].values()],
         f"- peak GPU memory during the table and the sampling runs, weights included: {mib(report['table_peak_mib'])}"])
 
 

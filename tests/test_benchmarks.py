@@ -67,9 +67,12 @@ def test_gpu_script_runs_on_a_cpu_at_tiny_size(tmp_path):
                                  "--json", str(tmp_path / "gpu.json")])
     assert {r["case"] for r in report["rows"]} == CASES | {"text encode", "sampling, 4 steps + decode"}
     assert report["sampling"]["sau_images_per_s"] > 0 and report["sampling"]["diffusers_images_per_s"] > 0
-    run = report["sau_run"]
-    assert run["prompts"] == 12 and run["unlearn_steps"] == 4 and math.isfinite(run["final_loss"])
-    assert json.loads((tmp_path / "gpu.json").read_text())["sau_run"] == run
+    runs = report["sau_runs"]
+    assert list(runs) == ["paper", "default"]
+    for recipe, run in runs.items():
+        assert run["recipe"] == recipe and run["prompts"] == 12 and run["unlearn_steps"] == 4
+        assert math.isfinite(run["final_loss"])
+    assert json.loads((tmp_path / "gpu.json").read_text())["sau_runs"] == runs
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
