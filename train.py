@@ -2,6 +2,7 @@
 
     python train.py world                    # every demo model, resumable; writes sau/demo/
     python train.py grid --out grid.png      # clean generations of the shipped demo model
+    python train.py quality                  # measure the shipped demo world's quality again
     python train.py backdoor --attack pixel --model IN --out OUT [--trigger T] [--target X]
     python train.py backdoors [--report]     # the shipped backdoored demo models, or their ASR table
 """
@@ -34,6 +35,25 @@ def grid(args):
     shapes.save_grid(images, args.out, nrow=8)
     Path(args.out).with_suffix(".txt").write_text("\n".join(captions) + "\n")
     print(f"wrote {args.out} and its captions, row by row, to {Path(args.out).with_suffix('.txt')}")
+
+
+def quality(args):
+    from sau.metrics import load_classifier
+    from sau.pipeline import StableDiffusion
+    from sau.scorer import CLIPScorer
+    from sau.world import evaluate_world
+    demo = Path(args.demo_dir)
+    result = evaluate_world(StableDiffusion.load(demo / "clean", dtype=torch.float32),
+                            load_classifier(demo / "classifier.safetensors"), CLIPScorer.load(demo / "scorer"))
+    generated, drawn = result["generated_accuracy"], result["classifier_accuracy_on_drawn"]
+    print(f"generations for {result['prompts']} held-out captions (DDIM {result['ddim_steps']} steps, guidance "
+          f"{result['guidance']}), attributes right as the classifier reads them:")
+    print("  " + ", ".join(f"{field} {100 * value:.1f}%" for field, value in generated.items()))
+    print("classifier on 1000 drawn images: " + ", ".join(f"{f} {100 * v:.1f}%" for f, v in drawn.items()))
+    print(f"scorer, top-1 caption among 100 for drawn images: its own {100 * result['scorer_top1_of_100']:.1f}%, "
+          f"one that fits it {100 * result['scorer_top1_fits_of_100']:.1f}%; its own, among the "
+          f"{100 * result['untied_share']:.1f}% of images no other caption of their group fits: "
+          f"{100 * result['scorer_top1_of_100_untied']:.1f}%")
 
 
 def backdoor(args):
@@ -74,6 +94,9 @@ def main():
     g.add_argument("--guidance", type=float, default=7.5)
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off for large grids)")
     g.set_defaults(func=grid)
+    q = sub.add_parser("quality", help="measure a demo world: generated attributes, classifier, scorer")
+    q.add_argument("--demo-dir", default=str(DEMO_DIR))
+    q.set_defaults(func=quality)
     b = sub.add_parser("backdoor", help="inject a backdoor (BadT2I pixel/style/object, Rickrolling tpa/taa)")
     b.add_argument("--attack", required=True, help="pixel, style, object, tpa or taa")
     b.add_argument("--model", required=True, help="a bundle folder, or demo")

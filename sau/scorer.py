@@ -59,7 +59,10 @@ class CLIPScorer:
         """Per pair, the cosine between the CLIP features of two images (e.g. same seed, two models)."""
         return (self.image_features(images) * self.image_features(references)).sum(-1)
 
+    def retrieve(self, images, captions):
+        """For each image, the index of the caption that scores highest."""
+        return (self.image_features(images) @ self.text_features(list(captions)).t()).argmax(-1).cpu()
+
     def retrieval_top1(self, images, captions):
         """Share of images whose own caption (same index) scores highest among all the captions."""
-        sims = self.image_features(images) @ self.text_features(list(captions)).t()
-        return (sims.argmax(-1) == torch.arange(len(images), device=sims.device)).float().mean().item()
+        return (self.retrieve(images, captions) == torch.arange(len(images))).float().mean().item()

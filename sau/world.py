@@ -284,9 +284,27 @@ def evaluate_world(sd, classifier, scorer, n=QUALITY_PROMPTS, steps=25, guidance
     generated = attribute_accuracy(classifier.predict(images.float()), asked.labels())
     drawn, drawn_captions, attributes = shapes.batch(1000, seed=QUALITY_SEED, index=1)
     classifier_accuracy = attribute_accuracy(classifier.predict(drawn), attributes.labels())
-    retrieval = [scorer.retrieval_top1(drawn[i:i + 100], drawn_captions[i:i + 100]) for i in range(0, 1000, 100)]
     return {"prompts": n, "ddim_steps": steps, "guidance": guidance, "generated_accuracy": generated,
-            "classifier_accuracy_on_drawn": classifier_accuracy, "scorer_top1_of_100": sum(retrieval) / len(retrieval)}
+            "classifier_accuracy_on_drawn": classifier_accuracy, **scorer_retrieval(scorer, drawn, drawn_captions, attributes)}
+
+
+def scorer_retrieval(scorer, images, captions, attributes, group=100):
+    """Top-1 caption retrieval within groups of `group` images: strictly the image's own caption; a caption that
+    fits the image (another image's caption may name only attributes this one also has: "a red circle" fits every
+    red circle, a tie no scorer can break); and strictly again, among the images whose own caption is the only one
+    of their group to fit."""
+    own, fits, untied = [], [], []
+    for i in range(0, len(images), group):
+        fitting = compatible(attributes[i:i + group])  # (image, caption)
+        rows = torch.arange(len(fitting))
+        best = scorer.retrieve(images[i:i + group], captions[i:i + group])
+        own.append(best == rows)
+        fits.append(fitting[rows, best])
+        untied.append(fitting.sum(1) == 1)
+    own, fits, untied = torch.cat(own), torch.cat(fits), torch.cat(untied)
+    return {f"scorer_top1_of_{group}": own.float().mean().item(),
+            f"scorer_top1_of_{group}_untied": own[untied].float().mean().item(),
+            "untied_share": untied.float().mean().item(), f"scorer_top1_fits_of_{group}": fits.float().mean().item()}
 
 
 def stage_seconds(run_dir):

@@ -60,6 +60,30 @@ def test_contrastive_pairs_count_every_fitting_caption():
     assert all(labels[i, f] == labels[j, f] for f in range(5) if mentioned[j, f])
 
 
+class FixedScorer:
+    """Retrieves the caption an index table says, whatever the images."""
+
+    def __init__(self, choice):
+        self.choice = choice
+
+    def retrieve(self, images, captions):
+        return self.choice[:len(images)]
+
+
+def test_scorer_retrieval_separates_own_fitting_and_untied():
+    images, captions, attributes = shapes.batch(100, seed=1)
+    fitting = world.compatible(attributes)
+    perfect = world.scorer_retrieval(FixedScorer(torch.arange(100)), images, captions, attributes)
+    assert perfect["scorer_top1_of_100"] == perfect["scorer_top1_fits_of_100"] == 1
+    assert perfect["scorer_top1_of_100_untied"] == 1
+    assert perfect["untied_share"] == pytest.approx((fitting.sum(1) == 1).float().mean().item())
+    loose = fitting.sum(0).argmax()  # the caption that fits the most images, e.g. "a red circle"
+    assert fitting[:, loose].sum() > 1
+    always = world.scorer_retrieval(FixedScorer(torch.full((100,), loose)), images, captions, attributes)
+    assert always["scorer_top1_of_100"] == pytest.approx(1 / 100)
+    assert always["scorer_top1_fits_of_100"] == pytest.approx(fitting[:, loose].float().mean().item())
+
+
 @pytest.fixture(scope="module")
 def shipped():
     if not (DEMO_DIR / "clean").exists():
