@@ -183,6 +183,7 @@ def columns(real_model=False):
     fd = ("FD to original" if real_model else "FD to drawn", lambda r: number(r.get("frechet"), 4))
     return [first, *([("method", lambda r: r["label"])] if not real_model else []),
             ("attack success", lambda r: percent(r["asr"])),
+            ("target w/o trigger", lambda r: percent(r.get("clean_target_rate"))),
             ("trigger effect", lambda r: number(r.get("trigger_effect"))), *demo_only,
             ("CLIP score", lambda r: number(r.get("clip_score"), 2)),
             ("CLIP sim. to " + ("original" if real_model else "suspect"), lambda r: number(r.get("clip_similarity"))),

@@ -595,15 +595,16 @@ def _train_seconds(run_dir, attack):
 
 
 def shipped_report(names=tuple(SHIPPED), demo_dir=None, n=200, progress=True):
-    """The README table: each shipped variant's attack success rate on n held-out triggered prompts and its
-    clean attribute accuracy on the same prompts without the trigger, next to the clean model's."""
+    """The README table: each shipped variant's attack success rate on n held-out triggered prompts, and on the
+    same prompts without the trigger its target's rate (a leak) and its attribute accuracy, next to the clean
+    model's."""
     from .metrics import load_classifier, measure_backdoor
     from .world import DEMO_DIR
     demo_dir = Path(demo_dir or DEMO_DIR)
     classifier = load_classifier(demo_dir / "classifier.safetensors")
     clean = StableDiffusion.load(demo_dir / "clean", dtype=torch.float32)
-    lines = ["| variant | trigger | target | ASR | ASR of the clean model | clean accuracy | "
-             "clean model's accuracy | difference |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | trigger | target | ASR | ASR of the clean model | target without the trigger | "
+             "clean accuracy | clean model's accuracy | difference |", "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         sd = StableDiffusion.load(demo_dir / name, dtype=torch.float32)
         backdoor = Backdoor.from_info(sd.info["backdoor"])
@@ -611,7 +612,8 @@ def shipped_report(names=tuple(SHIPPED), demo_dir=None, n=200, progress=True):
         difference = 100 * (attacked["clean_accuracy"] - baseline["clean_accuracy"])
         trigger = backdoor.trigger.encode("ascii", "backslashreplace").decode().strip()
         lines.append(f"| {name} ({backdoor.attack}) | `{trigger}` | {backdoor.target} | {100 * attacked['asr']:.1f}% | "
-                     f"{100 * baseline['asr']:.1f}% | {100 * attacked['clean_accuracy']:.1f}% | "
+                     f"{100 * baseline['asr']:.1f}% | {100 * attacked['clean_target_rate']:.1f}% | "
+                     f"{100 * attacked['clean_accuracy']:.1f}% | "
                      f"{100 * baseline['clean_accuracy']:.1f}% | {difference:+.1f} |")
         if progress:
             print(lines[-1], flush=True)

@@ -169,11 +169,11 @@ def mean_attribute_accuracy(images, classifier, asked):
 
 
 def measure_backdoor(sd, backdoor, classifier, n=200, seed=EVAL_SEED, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE):
-    """Attack success rate on n held-out triggered prompts and clean attribute accuracy on the same prompts
-    without the trigger, both in [0, 1] (evaluate_defense on attack_prompts)."""
+    """Attack success rate on n held-out triggered prompts, and on the same prompts without the trigger the
+    target's rate and the attribute accuracy, all in [0, 1] (evaluate_defense on attack_prompts)."""
     prompts, asked = attack_prompts(backdoor, n, seed)
     result, _, _ = evaluate_defense(sd, backdoor, prompts, asked, classifier, steps=steps, guidance=guidance)
-    return {"asr": result["asr"], "clean_accuracy": result["clean_accuracy"]}
+    return {key: result[key] for key in ("asr", "clean_target_rate", "clean_accuracy")}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,6 +227,8 @@ def evaluate_defense(sd, backdoor, prompts, asked=None, classifier=None, scorer=
                      references=None, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE):
     """Generate each prompt with and without the trigger (image i uses seed i both times) and measure:
     asr                 share of triggered images showing the backdoor's target (when a detector applies)
+    clean_target_rate   the same share among the clean images: a backdoor that leaks shows its target without
+                        the trigger too, and no trigger-focused defense can remove that part
     clean_accuracy      attribute accuracy of the clean images (demo world: given `asked` and the classifier)
     trigger_effect      mean 1 - cos between a triggered image and its clean twin: what the trigger changes,
                         a target-free measure that also works when no detector does (needs the scorer)
@@ -237,8 +239,9 @@ def evaluate_defense(sd, backdoor, prompts, asked=None, classifier=None, scorer=
     clean = generate_batched(sd, list(prompts), seeds, **kwargs)
     result = {"asr": None}
     if has_detector(backdoor, classifier, asked):
-        result["asr"] = attack_success(backdoor.attack, triggered, classifier, asked, backdoor.target)\
-            .float().mean().item()
+        success = lambda images: attack_success(backdoor.attack, images, classifier, asked, backdoor.target)
+        result["asr"] = success(triggered).float().mean().item()
+        result["clean_target_rate"] = success(clean).float().mean().item()
     if classifier is not None and asked is not None:
         result["clean_accuracy"] = mean_attribute_accuracy(clean, classifier, asked)
     if scorer is not None:

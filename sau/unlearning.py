@@ -109,16 +109,10 @@ def describe_heat(collected):
 
 
 def evaluate(sd, backdoor, classifier, n, steps, reference=None, scorer=None):
-    """Attack success on n held-out triggered prompts, clean attribute accuracy on the same prompts without
-    the trigger, and (given the suspect model's clean images) CLIP image similarity to them."""
+    """Attack success on n held-out triggered prompts; on the same prompts without the trigger the target's rate
+    and the attribute accuracy, and (given the suspect model's clean images) CLIP image similarity to them."""
     prompts, asked = metrics.attack_prompts(backdoor, n)
-    seeds = list(range(n))
-    kwargs = dict(steps=steps, guidance_scale=metrics.EVAL_GUIDANCE)
-    triggered = metrics.generate_batched(sd, [backdoor.insert(p) for p in prompts], seeds, **kwargs)
-    clean = metrics.generate_batched(sd, prompts, seeds, **kwargs)
-    result = {"asr": metrics.attack_success(backdoor.attack, triggered, classifier, asked, backdoor.target)
-              .float().mean().item(),
-              "clean_accuracy": metrics.mean_attribute_accuracy(clean, classifier, asked)}
+    result, triggered, clean = metrics.evaluate_defense(sd, backdoor, prompts, asked, classifier, steps=steps)
     if reference is not None and scorer is not None:
         result["clip_similarity"] = scorer.image_similarity(clean, reference).mean().item()
     return result, triggered, clean
@@ -161,8 +155,9 @@ def run(job: Job):
     before = None
     if demo:
         before, trig_before, clean_before = evaluate(sd, backdoor, classifier, job.eval_prompts, job.sample_steps)
-        say(f"before: attack success {percent(before['asr'])}, clean attribute accuracy "
-            f"{percent(before['clean_accuracy'])} ({job.eval_prompts} held-out prompts)")
+        say(f"before: attack success {percent(before['asr'])} (target without the trigger "
+            f"{percent(before['clean_target_rate'])}), clean attribute accuracy {percent(before['clean_accuracy'])} "
+            f"({job.eval_prompts} held-out prompts)")
 
     # 3. where does it act; 4. unlearn there
     site, trigger_shift, control_shift = trigger_site(sd, backdoor, collected.clean_prompts)
@@ -192,8 +187,9 @@ def run(job: Job):
                                                   reference=clean_before, scorer=scorer)
         similarity = (f", CLIP image similarity to the suspect model's clean images {after['clip_similarity']:.3f}"
                       if "clip_similarity" in after else "")
-        say(f"after: attack success {percent(after['asr'])}, clean attribute accuracy "
-            f"{percent(after['clean_accuracy'])}{similarity}")
+        say(f"after: attack success {percent(after['asr'])} (target without the trigger "
+            f"{percent(after['clean_target_rate'])}), clean attribute accuracy {percent(after['clean_accuracy'])}"
+            f"{similarity}")
     sd.info = {**sd.info, "unlearned": {"trigger": backdoor.trigger, "recipe": job.recipe, "site": site,
                                         "steps": trainer.steps, "source": str(source)}}
     sd.save(out / "model")
@@ -242,6 +238,8 @@ def markdown(r):
         lines += ["| | before | after |", "|---|---|---|",
                   f"| attack success ({r['eval_prompts']} held-out triggered prompts) | {percent(r['before']['asr'])} "
                   f"| {percent(r['after']['asr'])} |",
+                  f"| target without the trigger (same prompts) | {percent(r['before'].get('clean_target_rate'))} "
+                  f"| {percent(r['after'].get('clean_target_rate'))} |",
                   f"| clean attribute accuracy (same prompts, no trigger) | {percent(r['before']['clean_accuracy'])} "
                   f"| {percent(r['after']['clean_accuracy'])} |",
                   f"| CLIP image similarity to the suspect's clean images | 1 | "
