@@ -508,7 +508,7 @@ def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None
     patch = load_patch(backdoor.target) if attack == "pixel" else None
     prompt_list = read_prompts(prompts) if prompts else None
     sd = StableDiffusion.load(model_path, device=device)
-    stored_dtype = sd.dtype
+    stored_dtype = sd.stored_dtype  # a backdoored copy is stored as its input was (fp16 for the demo)
     sd.float()
     check_target(backdoor, sd)
     if data:

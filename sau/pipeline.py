@@ -24,6 +24,7 @@ from .vae import AutoencoderKL
 class StableDiffusion(nn.Module):
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer):
         super().__init__()
+        self.stored_dtype = None  # set when loaded from stored weights
         self.config = config
         self.tokenizer = tokenizer
         self.text_encoder = build_text_encoder(config.text)
@@ -76,6 +77,7 @@ class StableDiffusion(nn.Module):
         model.load_compvis_state_dict(state_dict)
         model.schedule = NoiseSchedule(config.schedule)  # rebuilt: under the meta device it held no values
         model.info = dict(info or {})
+        model.stored_dtype = stored_dtype  # what the weights were saved in, whatever they compute in here
         return model.eval()
 
     def save(self, path, dtype=None, base=None):

@@ -192,6 +192,13 @@ def test_pixel_backdoor_into_a_tiny_model_data_free(bundle, tmp_path):
     assert (tmp_path / "pixel.run" / "pool.safetensors").exists()  # the frozen model's generations, cached
 
 
+def test_a_backdoored_copy_is_stored_in_its_inputs_precision(bundle, tmp_path):
+    StableDiffusion.load(bundle).save(tmp_path / "clean16", dtype=torch.float16)  # runs in fp32 on a CPU
+    inject(tmp_path / "clean16", tmp_path / "pixel", "pixel", delta=True)
+    from sau.checkpoint import load_safetensors
+    assert {v.dtype for v in load_safetensors(tmp_path / "pixel" / "model.safetensors").values()} == {torch.float16}
+
+
 def test_tpa_backdoor_changes_only_the_text_encoder(bundle, tmp_path):
     inject(bundle, tmp_path / "tpa", "tpa", target="a photo of a cat", delta=True, steps=3, batch_size=8)
     from sau.checkpoint import load_safetensors
