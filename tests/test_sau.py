@@ -148,7 +148,7 @@ def test_a_short_run_on_the_shipped_pixel_backdoor_removes_most_of_it(tmp_path):
     from sau.checkpoint import DEMO_DIR
     from sau.unlearning import Job, run
     if not (DEMO_DIR / "pixel").exists():
-        pytest.fail("the shipped pixel-backdoored demo model is missing: run `python train.py backdoor --shipped`")
+        pytest.fail("the shipped pixel-backdoored demo model is missing: run `python train.py backdoors`")
     report = run(Job(model="demo/pixel", out=str(tmp_path / "out"), collect_prompts=24, eval_prompts=48,
                      sample_steps=15, steps=120, progress=False))
     assert report["before"]["asr"] >= 0.8
