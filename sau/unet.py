@@ -170,30 +170,37 @@ def _ignore_map(probs, size):
 def checkpointed(module, *inputs):
     """module(*inputs) with its activations recomputed in backward instead of stored.
 
-    Attention capture hands out each map once: the recomputation takes the same compute paths as the
-    first pass (the explicit path where a layer was captured, so the recomputed tensors match the
-    stored ones) but through silent hooks. The paths are remembered at the first pass because the
-    capture context is usually closed by the time backward runs.
+    Attention capture hands out each map once, and outside the checkpointed region: a capture callback
+    that computes (a loss on the maps, say) would otherwise add saved tensors to the first pass that the
+    recomputation does not make. So the first pass only stashes the maps, which go to the real hooks once
+    the region is closed; the recomputation takes the same explicit path through silent hooks. Which
+    layers are captured is read at the first pass: the capture context is usually closed by backward.
     """
     attentions = [m for m in module.modules() if isinstance(m, Attention)]
-    hook_counts = [len(m.capture_hooks) for m in attentions]
+    first_hooks = [list(m.capture_hooks) for m in attentions]  # copies: closing a capture empties the lists
+    stashed = []  # (hooks, probs, size) of the first pass
     calls = 0
+
+    def stash(hooks):
+        return lambda probs, size: stashed.append((hooks, probs, size))
 
     def run(*inputs):
         nonlocal calls
         calls += 1
-        if calls == 1:
-            return module(*inputs)
-        live_hooks = [m.capture_hooks for m in attentions]
-        for m, n in zip(attentions, hook_counts):
-            m.capture_hooks = [_ignore_map] * n
+        current = [m.capture_hooks for m in attentions]
+        for m, hooks in zip(attentions, first_hooks):
+            m.capture_hooks = ([stash(hooks)] if calls == 1 else [_ignore_map]) if hooks else []
         try:
             return module(*inputs)
         finally:
-            for m, hooks in zip(attentions, live_hooks):
+            for m, hooks in zip(attentions, current):
                 m.capture_hooks = hooks
 
-    return checkpoint(run, *inputs, use_reentrant=False)
+    out = checkpoint(run, *inputs, use_reentrant=False)
+    for hooks, probs, size in stashed:
+        for hook in hooks:
+            hook(probs, size)
+    return out
 
 
 class UNetBlock(nn.Sequential):

@@ -207,18 +207,33 @@ def test_infer_config_refuses_other_models():
         infer_unet_config(meta_state_dict(odd), num_heads=6)
 
 
+class MapLoss:
+    """A capture callback that computes as the maps arrive (as SAU's attention loss does), keeping them too."""
+
+    def __init__(self):
+        self.maps, self.total = [], 0
+
+    def __call__(self, item):
+        self.maps.append(item)
+        self.total = self.total + item.probs.square().sum()
+
+
 def forward_backward(unet, x, t, context, capture):
-    """Output, captured maps and parameter gradients of a loss on the output and, if captured, the maps."""
+    """Output, captured maps and parameter gradients of a loss on the output and, if captured, the maps:
+    capture "list" sums the loss after the forward, capture "callback" while the maps arrive."""
     unet.zero_grad()
-    with capture_attention(unet, "attn2", keep_graph=True) if capture else contextlib.nullcontext() as maps:
+    callback = MapLoss() if capture == "callback" else None
+    with capture_attention(unet, "attn2", callback=callback, keep_graph=True) if capture \
+            else contextlib.nullcontext() as maps:
         out = unet(x, t, context)
-    loss = out.square().mean() + sum(m.probs.square().sum() for m in maps or [])
+    maps = callback.maps if callback else maps
+    loss = out.square().mean() + (callback.total if callback else sum(m.probs.square().sum() for m in maps or []))
     loss.backward()  # after the capture context is closed, as SAU does
     grads = {k: p.grad.clone() for k, p in unet.named_parameters()}
     return out.detach(), [m.probs.detach() for m in maps or []], grads
 
 
-@pytest.mark.parametrize("capture", [False, True])
+@pytest.mark.parametrize("capture", [None, "list", "callback"])
 def test_gradient_checkpointing_matches(capture):
     torch.manual_seed(0)
     unet = UNet(TINY["sd1"][0]).train()
@@ -238,7 +253,7 @@ def test_gradient_checkpointing_matches(capture):
         assert rel_err(a, b) <= 1e-6
     for k, g in plain[2].items():
         assert rel_err(checkpointed[2][k], g) <= 1e-5, k
-    if capture:  # backward inside the capture context: the recomputation must not add maps either
+    if capture == "list":  # backward inside the capture context: the recomputation must not add maps either
         unet.zero_grad()
         with capture_attention(unet, "attn2", keep_graph=True) as maps:
             unet(x, t, context)
