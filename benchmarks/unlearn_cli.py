@@ -8,6 +8,7 @@ UNet (`--where unet`: random text encoders are no guide to where a trigger acts)
 the tiny topology on the CPU, which is how it is checked here. Random weights hold no backdoor: this measures that
 the CLI runs on real-size models and what it costs, not what it removes.
 """
+import argparse
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from sau import cli
 from sau.config import sd1, tiny
 from sau.pipeline import StableDiffusion
 
@@ -26,7 +28,12 @@ RUNS = {"default": ["--gradient-checkpointing", "--steps", "100"], "paper": []}
 
 
 def main(argv=None):
-    out = Path((sys.argv[1:] if argv is None else argv)[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.unlearn_cli", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="a new folder for the bundle, the prompts and both runs")
+    out = Path(p.parse_args(sys.argv[1:] if argv is None else argv).out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new folder (nothing is overwritten)")
     cuda = torch.cuda.is_available()
     config, tokenizer = tokenizer_for(sd1() if cuda else tiny())
     torch.manual_seed(0)
@@ -48,4 +55,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -547,7 +547,8 @@ def claim_run_dir(run_dir, spec):
 # ----------------------------------------------------------------------------------------------------
 # The shipped demo variants (`python train.py backdoors`): delta bundles next to the clean model
 
-SHIPPED = {  # tuned on the demo world: BadT2I variants at 2000 steps (fewer left the target showing without the trigger)
+# Tuned on the demo world: BadT2I variants at 2000 steps (fewer left the target showing without the trigger).
+SHIPPED = {
     "pixel": dict(attack="pixel", trigger=BADT2I_TRIGGER, target="checkerboard", steps=2000, lr=2e-4, batch_size=32),
     "style": dict(attack="style", trigger=BADT2I_TRIGGER, target=DEMO_STYLE, steps=2000, lr=2e-4, batch_size=32),
     "object": dict(attack="object", trigger=BADT2I_TRIGGER, target="circle:square", steps=2000, lr=2e-4,

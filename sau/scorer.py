@@ -62,7 +62,3 @@ class CLIPScorer:
     def retrieve(self, images, captions):
         """For each image, the index of the caption that scores highest."""
         return (self.image_features(images) @ self.text_features(list(captions)).t()).argmax(-1).cpu()
-
-    def retrieval_top1(self, images, captions):
-        """Share of images whose own caption (same index) scores highest among all the captions."""
-        return (self.retrieve(images, captions) == torch.arange(len(images))).float().mean().item()

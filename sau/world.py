@@ -285,7 +285,8 @@ def evaluate_world(sd, classifier, scorer, n=QUALITY_PROMPTS, steps=25, guidance
     drawn, drawn_captions, attributes = shapes.batch(1000, seed=QUALITY_SEED, index=1)
     classifier_accuracy = attribute_accuracy(classifier.predict(drawn), attributes.labels())
     return {"prompts": n, "ddim_steps": steps, "guidance": guidance, "generated_accuracy": generated,
-            "classifier_accuracy_on_drawn": classifier_accuracy, **scorer_retrieval(scorer, drawn, drawn_captions, attributes)}
+            "classifier_accuracy_on_drawn": classifier_accuracy,
+            **scorer_retrieval(scorer, drawn, drawn_captions, attributes)}
 
 
 def scorer_retrieval(scorer, images, captions, attributes, group=100):
