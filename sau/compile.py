@@ -18,6 +18,9 @@ What to expect (measured with `python -m benchmarks --compile`, see the README):
 - Attention capture changes the compute path of the captured layers, so dynamo compiles one more graph for
   each set of captured layers (e.g. uncaptured + "attn2": two graphs). New capture contexts on the same
   layers reuse it: there are no graph breaks and no recompiles per call.
+- A capture callback is traced into that graph, and dynamo guards on the Python state it reads: a counter that
+  changes, or a list or dict that grows, on every call makes it compile again on every call (seconds to
+  minutes each). Keep such state in tensors updated in place, as sau's callbacks do (`sau.sau.TriggerAttention`).
 """
 import torch
 

@@ -128,18 +128,22 @@ class Collected:
 
 class TriggerAttention:
     """A capture callback that averages the trigger columns' attention mass per layer, over heads and steps,
-    keeping only the conditional half of a [uncond, cond] guidance batch."""
+    keeping only the conditional half of a [uncond, cond] guidance batch. Under torch.compile the callback is
+    traced into the UNet's graph, and dynamo guards on the Python state it touches (a counter's value, a list's
+    length): so its sums and counts are tensors updated in place, which keeps one graph for every call."""
 
     def __init__(self, columns):
         self.columns = columns  # (batch, keys)
-        self.sums, self.counts = {}, {}
+        self.sums, self.counts = {}, {}  # layer -> (h, w) sum and () count, created on the first call
 
     def __call__(self, item):
         probs = item.probs[-len(self.columns):]  # the conditional half under guidance
         mass = (probs * self.columns[:, None, None, :].to(probs)).sum(-1).mean(1)  # (batch, queries)
         heat = mass.float().mean(0).reshape(item.size).cpu()
-        self.sums[item.layer] = self.sums.get(item.layer, 0) + heat
-        self.counts[item.layer] = self.counts.get(item.layer, 0) + 1
+        if item.layer not in self.sums:
+            self.sums[item.layer], self.counts[item.layer] = torch.zeros_like(heat), torch.zeros(())
+        self.sums[item.layer].add_(heat)
+        self.counts[item.layer].add_(1)
 
     def heatmaps(self):
         return {layer: self.sums[layer] / self.counts[layer] for layer in self.sums}

@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 from sau.attention import capture_attention
 from sau.compile import compile_model
+from sau.sau import AttentionLoss, TriggerAttention
 from sau.config import UNetConfig
 from sau.unet import UNet
 
@@ -53,3 +54,36 @@ def test_compiled_matches_eager_with_and_without_capture(unets):
             torch.testing.assert_close(m.probs, r.probs, rtol=1e-5, atol=1e-6)
     run(compiled, capture=False)
     assert counters["stats"]["unique_graphs"] == 2  # uncaptured and captured, nothing more
+
+
+def test_sau_callbacks_compile_once(unets):
+    """SAU's own callbacks keep their state as dynamo can trace it: after the first calls (the heatmap
+    recorder creates its sums on its first), further calls reuse the graphs; results match eager."""
+    eager, compiled = unets
+    g = torch.Generator().manual_seed(2)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    columns = torch.zeros(2, 5)
+    columns[:, 1] = 1
+    torch._dynamo.reset()
+    counters.clear()
+    recorders = {"compiled": TriggerAttention(columns), "eager": TriggerAttention(columns)}
+    for i in range(4):
+        for name, unet in (("compiled", compiled), ("eager", eager)):
+            with torch.no_grad(), capture_attention(unet, "attn2", callback=recorders[name]):
+                unet(x, 321, context)
+        settled = counters["stats"]["unique_graphs"] if i == 1 else settled if i > 1 else None
+        assert i < 2 or counters["stats"]["unique_graphs"] == settled
+    for layer, heat in recorders["eager"].heatmaps().items():
+        torch.testing.assert_close(recorders["compiled"].heatmaps()[layer], heat, rtol=1e-5, atol=1e-6)
+    losses = []
+    for i in range(3):  # a new loss object every step, as unlearning makes them
+        loss = AttentionLoss(columns, {})
+        with capture_attention(compiled, "attn2", callback=loss, keep_graph=True):
+            compiled(x, 321, context)
+        losses.append(loss.total)
+        graphs = counters["stats"]["unique_graphs"] if i == 0 else graphs
+        assert counters["stats"]["unique_graphs"] == graphs
+    reference = AttentionLoss(columns, {})
+    with capture_attention(eager, "attn2", callback=reference, keep_graph=True):
+        eager(x, 321, context)
+    torch.testing.assert_close(losses[-1], reference.total, rtol=1e-5, atol=1e-7)
