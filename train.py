@@ -54,6 +54,9 @@ def quality(args):
           f"one that fits it {100 * result['scorer_top1_fits_of_100']:.1f}%; its own, among the "
           f"{100 * result['untied_share']:.1f}% of images no other caption of their group fits: "
           f"{100 * result['scorer_top1_of_100_untied']:.1f}%")
+    print(f"  ceilings of the strict measure: {100 * result['ceiling_top1_of_100_fitting_alike']:.1f}% for a scorer "
+          f"that ranks every fitting caption alike, {100 * result['ceiling_top1_of_100_most_specific']:.1f}% for an "
+          f"oracle that picks the fitting caption naming the most attributes")
 
 
 def backdoor(args):

@@ -293,8 +293,10 @@ def scorer_retrieval(scorer, images, captions, attributes, group=100):
     """Top-1 caption retrieval within groups of `group` images: strictly the image's own caption; a caption that
     fits the image (another image's caption may name only attributes this one also has: "a red circle" fits every
     red circle, a tie no scorer can break); and strictly again, among the images whose own caption is the only one
-    of their group to fit."""
-    own, fits, untied = [], [], []
+    of their group to fit. Two ceilings put the strict number in context: what a scorer that ranks every fitting
+    caption alike (what contrastive_loss asks of it) gets on average, and what an oracle that knows the labels and
+    picks the fitting caption naming the most attributes gets."""
+    own, fits, untied, alike, specific = [], [], [], [], []
     for i in range(0, len(images), group):
         fitting = compatible(attributes[i:i + group])  # (image, caption)
         rows = torch.arange(len(fitting))
@@ -302,10 +304,23 @@ def scorer_retrieval(scorer, images, captions, attributes, group=100):
         own.append(best == rows)
         fits.append(fitting[rows, best])
         untied.append(fitting.sum(1) == 1)
+        alike.append(1 / fitting.sum(1).float())
+        specific.append(most_specific_own_share(fitting, torch.as_tensor(attributes[i:i + group].mentioned)))
     own, fits, untied = torch.cat(own), torch.cat(fits), torch.cat(untied)
     return {f"scorer_top1_of_{group}": own.float().mean().item(),
             f"scorer_top1_of_{group}_untied": own[untied].float().mean().item(),
-            "untied_share": untied.float().mean().item(), f"scorer_top1_fits_of_{group}": fits.float().mean().item()}
+            "untied_share": untied.float().mean().item(), f"scorer_top1_fits_of_{group}": fits.float().mean().item(),
+            f"ceiling_top1_of_{group}_fitting_alike": torch.cat(alike).mean().item(),
+            f"ceiling_top1_of_{group}_most_specific": torch.cat(specific).mean().item()}
+
+
+def most_specific_own_share(fitting, mentioned):
+    """Per image, the chance that picking at random among the fitting captions that name the most attributes
+    picks its own caption."""
+    named = mentioned.sum(1)  # attributes each caption names
+    best = torch.where(fitting, named[None, :], -1).max(1, keepdim=True).values
+    winners = fitting & (named[None, :] == best)
+    return winners.diagonal().float() / winners.sum(1)
 
 
 def stage_seconds(run_dir):

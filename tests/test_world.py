@@ -82,6 +82,16 @@ def test_scorer_retrieval_separates_own_fitting_and_untied():
     always = world.scorer_retrieval(FixedScorer(torch.full((100,), loose)), images, captions, attributes)
     assert always["scorer_top1_of_100"] == pytest.approx(1 / 100)
     assert always["scorer_top1_fits_of_100"] == pytest.approx(fitting[:, loose].float().mean().item())
+    ceilings = always["ceiling_top1_of_100_fitting_alike"], always["ceiling_top1_of_100_most_specific"]
+    assert always["untied_share"] < ceilings[0] < ceilings[1] < 1  # ties cost even an oracle something
+    assert ceilings == (perfect["ceiling_top1_of_100_fitting_alike"], perfect["ceiling_top1_of_100_most_specific"])
+
+
+def test_most_specific_oracle_counts_ties_among_the_most_specific():
+    # image 0 fits captions 0 ("a red circle", 2 named) and 1 (4 named); image 1 fits 1 and 2, both naming 4
+    fitting = torch.tensor([[True, True, False], [False, True, True], [False, False, True]])
+    mentioned = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 1]], dtype=torch.bool)
+    assert world.most_specific_own_share(fitting, mentioned).tolist() == [0.0, 0.5, 1.0]
 
 
 @pytest.fixture(scope="module")
