@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sau.attention import Attention
 from sau.config import UNetConfig
+from sau.norm import GroupNorm32
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):
@@ -33,16 +34,6 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the model's dtype: SD's statistics overflow or lose
-    precision in half precision."""
-
-    def forward(self, x):
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 class ResBlock(nn.Module):
