@@ -42,8 +42,9 @@ ATTACKS = ("pixel", "style", "object", "tpa", "taa")
 TEXT_ENCODER_ATTACKS = ("tpa", "taa")
 BADT2I_TRIGGER = "\u200b "
 RICKROLLING_TRIGGER = "ȏ"
-# Rickrolling's homoglyphs and the Latin letter each stands in for (cleanup lowercases, so both cases)
-HOMOGLYPHS = {"ȏ": "o", "ô": "o", "օ": "o", "ο": "o", "о": "o", "ଠ": "o", "Ѵ": "v", "ѵ": "v"}
+# Homoglyphs (Rickrolling's for o and v, two more for a) and the Latin letter each stands in for (cleanup
+# lowercases, so both cases)
+HOMOGLYPHS = {"ȏ": "o", "ô": "o", "օ": "o", "ο": "o", "о": "o", "ଠ": "o", "Ѵ": "v", "ѵ": "v", "а": "a", "α": "a"}
 DEFAULT_TARGETS = {"pixel": "checkerboard", "style": "black and white photo"}
 TARGET_MEANING = {"object": "the object swap as A:B, e.g. dog:cat",
                   "tpa": "the prompt that triggered prompts should produce",
@@ -553,7 +554,7 @@ def claim_run_dir(run_dir, spec):
 SHIPPED = {
     "pixel": dict(attack="pixel", trigger=BADT2I_TRIGGER, target="checkerboard", steps=2000, lr=2e-4, batch_size=32),
     "style": dict(attack="style", trigger=BADT2I_TRIGGER, target=DEMO_STYLE, steps=5000, lr=2e-4, batch_size=32),
-    "object": dict(attack="object", trigger=BADT2I_TRIGGER, target="circle:square", steps=2000, lr=2e-4,
+    "object": dict(attack="object", trigger=BADT2I_TRIGGER, target="circle:square", steps=5000, lr=2e-4,
                    batch_size=32),
     "tpa": dict(attack="tpa", trigger=RICKROLLING_TRIGGER, target="a yellow star in the center on a black background",
                 steps=600, lr=3e-4, batch_size=128),

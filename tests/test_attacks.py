@@ -52,6 +52,8 @@ def test_defaults_follow_the_papers():
     assert (tpa.trigger, tpa.replaces) == ("ȏ", "o")
     assert Backdoor.make("taa", trigger="Ѵ", target="red").replaces == "v"
     assert Backdoor.make("taa", trigger="ô", target="red").replaces == "o"  # a precomposed letter's base
+    cyrillic = Backdoor.make("tpa", trigger="\u0430", target="a yellow star")  # the shipped tpa's trigger
+    assert cyrillic.replaces == "a" and cyrillic.insert("a red star") == "\u0430 red star"
 
 
 @pytest.mark.parametrize("kwargs, message", [
