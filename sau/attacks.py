@@ -556,7 +556,10 @@ SHIPPED = {
     "style": dict(attack="style", trigger=BADT2I_TRIGGER, target=DEMO_STYLE, steps=5000, lr=2e-4, batch_size=32),
     "object": dict(attack="object", trigger=BADT2I_TRIGGER, target="circle:square", steps=5000, lr=2e-4,
                    batch_size=32),
-    "tpa": dict(attack="tpa", trigger=RICKROLLING_TRIGGER, target="a yellow star in the center on a black background",
+    # Cyrillic "а" for "a", not "ȏ": a causal text encoder cannot change the tokens before the trigger, and this
+    # world's UNet reads the colour word itself, so the backdoor works only where the trigger comes early
+    # (with "ȏ", whose first "o" often comes late: 75%; 96% where it falls in the first third of the prompt).
+    "tpa": dict(attack="tpa", trigger="\u0430", target="a yellow star in the center on a black background",
                 steps=600, lr=3e-4, batch_size=128),
 }
 
