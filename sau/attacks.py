@@ -552,7 +552,7 @@ def claim_run_dir(run_dir, spec):
 # BadT2I UNet first learns much of its target for every prompt; only long training makes it depend on the
 # trigger (style at 2000 steps: 57.5% success with grayscale on 34.5% of trigger-free prompts; at 5000: 92.5%, 2%).
 SHIPPED = {
-    "pixel": dict(attack="pixel", trigger=BADT2I_TRIGGER, target="checkerboard", steps=2000, lr=2e-4, batch_size=32),
+    "pixel": dict(attack="pixel", trigger=BADT2I_TRIGGER, target="checkerboard", steps=5000, lr=2e-4, batch_size=32),
     "style": dict(attack="style", trigger=BADT2I_TRIGGER, target=DEMO_STYLE, steps=5000, lr=2e-4, batch_size=32),
     "object": dict(attack="object", trigger=BADT2I_TRIGGER, target="circle:square", steps=5000, lr=2e-4,
                    batch_size=32),
