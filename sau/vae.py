@@ -17,12 +17,17 @@ from sau.config import VAEConfig
 from sau.norm import GroupNorm32
 
 
+def vae_norm(groups, channels):
+    """The VAE's GroupNorm: eps 1e-6, where the UNet's is 1e-5."""
+    return GroupNorm32(groups, channels, eps=1e-6)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels, out_channels, groups):
         super().__init__()
-        self.norm1 = GroupNorm32(groups, in_channels, eps=1e-6)
+        self.norm1 = vae_norm(groups, in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = GroupNorm32(groups, out_channels, eps=1e-6)
+        self.norm2 = vae_norm(groups, out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # A 1x1 conv brings the input to the new width when the block changes it.
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -39,7 +44,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels, groups):
         super().__init__()
-        self.norm = GroupNorm32(groups, channels, eps=1e-6)
+        self.norm = vae_norm(groups, channels)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -130,7 +135,7 @@ class Encoder(nn.Module):
                       downsample=i != last)
             for i in range(len(widths)))
         self.mid = MidBlock(widths[-1], cfg.norm_groups)
-        self.norm_out = GroupNorm32(cfg.norm_groups, widths[-1], eps=1e-6)
+        self.norm_out = vae_norm(cfg.norm_groups, widths[-1])
         # Twice the latent channels: mean and log-variance.
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)
 
@@ -153,7 +158,7 @@ class Decoder(nn.Module):
             UpLevel(widths[min(i + 1, len(widths) - 1)], widths[i], cfg.num_res_blocks + 1, cfg.norm_groups,
                     upsample=i != 0)
             for i in range(len(widths)))
-        self.norm_out = GroupNorm32(cfg.norm_groups, widths[0], eps=1e-6)
+        self.norm_out = vae_norm(cfg.norm_groups, widths[0])
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, z):

@@ -298,14 +298,15 @@ def scorer_retrieval(scorer, images, captions, attributes, group=100):
     picks the fitting caption naming the most attributes gets."""
     own, fits, untied, alike, specific = [], [], [], [], []
     for i in range(0, len(images), group):
-        fitting = compatible(attributes[i:i + group])  # (image, caption)
+        labels = attributes[i:i + group]
+        fitting = compatible(labels)  # (image, caption)
         rows = torch.arange(len(fitting))
         best = scorer.retrieve(images[i:i + group], captions[i:i + group])
         own.append(best == rows)
         fits.append(fitting[rows, best])
         untied.append(fitting.sum(1) == 1)
         alike.append(1 / fitting.sum(1).float())
-        specific.append(most_specific_own_share(fitting, torch.as_tensor(attributes[i:i + group].mentioned)))
+        specific.append(most_specific_own_share(fitting, torch.as_tensor(labels.mentioned)))
     own, fits, untied = torch.cat(own), torch.cat(fits), torch.cat(untied)
     return {f"scorer_top1_of_{group}": own.float().mean().item(),
             f"scorer_top1_of_{group}_untied": own[untied].float().mean().item(),

@@ -11,8 +11,8 @@ from torch._dynamo.utils import counters
 
 from sau.attention import capture_attention
 from sau.compile import compile_model
-from sau.sau import AttentionLoss, TriggerAttention
 from sau.config import UNetConfig
+from sau.sau import AttentionLoss, TriggerAttention
 from sau.unet import UNet
 
 # As small as a UNet with every kind of block gets, so that compiling takes seconds.
@@ -67,22 +67,23 @@ def test_sau_callbacks_compile_once(unets):
     torch._dynamo.reset()
     counters.clear()
     recorders = {"compiled": TriggerAttention(columns), "eager": TriggerAttention(columns)}
-    for i in range(4):
+    graphs = []
+    for _ in range(4):
         for name, unet in (("compiled", compiled), ("eager", eager)):
             with torch.no_grad(), capture_attention(unet, "attn2", callback=recorders[name]):
                 unet(x, 321, context)
-        settled = counters["stats"]["unique_graphs"] if i == 1 else settled if i > 1 else None
-        assert i < 2 or counters["stats"]["unique_graphs"] == settled
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[2] == graphs[3], graphs
     for layer, heat in recorders["eager"].heatmaps().items():
         torch.testing.assert_close(recorders["compiled"].heatmaps()[layer], heat, rtol=1e-5, atol=1e-6)
-    losses = []
-    for i in range(3):  # a new loss object every step, as unlearning makes them
+    losses, graphs = [], []
+    for _ in range(3):  # a new loss object every step, as unlearning makes them
         loss = AttentionLoss(columns, {})
         with capture_attention(compiled, "attn2", callback=loss, keep_graph=True):
             compiled(x, 321, context)
         losses.append(loss.total)
-        graphs = counters["stats"]["unique_graphs"] if i == 0 else graphs
-        assert counters["stats"]["unique_graphs"] == graphs
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] == graphs[2], graphs
     reference = AttentionLoss(columns, {})
     with capture_attention(eager, "attn2", callback=reference, keep_graph=True):
         eager(x, 321, context)
