@@ -24,8 +24,21 @@ from .classifier import AttributeClassifier, attribute_accuracy
 
 PATCH_THRESHOLD = 0.25  # correlation with the checkerboard: drawn images without it score near 0, drawn ones with it
 # 1, and a generated patch (the 8x-downsampling VAE blurs the 4x4 checkerboard) 0.3-0.45
+PATCH_MIN_CONTRAST = 0.25  # share of the checkerboard's contrast: generated patches 0.76-0.99; a plain corner
+# 0.00-0.01 even when its faint VAE ripple correlates with the pattern; other generated corners under 0.2
 GRAYSCALE_THRESHOLD = 0.2  # chroma of the most colorful pixels; drawn shapes score 0.5-0.9, gray ones 0
 GRAYSCALE_TOP_FRACTION = 0.01  # the smallest drawn shape covers about 1.5% of a demo image
+
+
+def _centered_corner(images, corner, patch):
+    """(the corner region, the target patch as paste_patch would put there), each flattened per image and
+    centered: the pattern is judged apart from the corner's mean color."""
+    height, width = images.shape[-2:]
+    rows, columns = shapes.patch_region(height, width, corner)
+    expected = shapes.paste_patch(torch.zeros(1, 3, height, width), patch, corner)[..., rows, columns]
+    region = images[..., rows, columns].float().flatten(1)
+    expected = expected.flatten(1).to(region.device)
+    return region - region.mean(1, keepdim=True), expected - expected.mean(1, keepdim=True)
 
 
 def patch_score(images, corner="top left", patch=None):
@@ -34,19 +47,24 @@ def patch_score(images, corner="top left", patch=None):
 
     A correlation, not a distance: it asks whether the checkerboard's pattern is there, so a patch that
     came out blurred or with washed-out colors still counts, while a plain or shape-filled corner does not."""
-    height, width = images.shape[-2:]
-    rows, columns = shapes.patch_region(height, width, corner)
-    expected = shapes.paste_patch(torch.zeros(1, 3, height, width), patch, corner)[..., rows, columns]
-    region = images[..., rows, columns].float().flatten(1)
-    expected = expected.flatten(1).to(region.device)
-    region = region - region.mean(1, keepdim=True)
-    expected = expected - expected.mean(1, keepdim=True)
+    region, expected = _centered_corner(images, corner, patch)
     return (region @ expected.t()).squeeze(1) / (region.norm(dim=1) * expected.norm() + 1e-6)
 
 
-def patch_present(images, corner="top left", patch=None, threshold=PATCH_THRESHOLD):
-    """Bool per image: the pixel backdoor's patch is in its corner."""
-    return patch_score(images, corner, patch) > threshold
+def patch_contrast(images, corner="top left", patch=None):
+    """Per image, how much of the patch's contrast the corner holds: the least-squares coefficient of the
+    centered target patch in the centered corner (1 for the pasted patch, 0.3 for one at 30% contrast, 0 for a
+    plain corner). A correlation alone is blind to scale: a near-uniform corner's faint ripple can correlate
+    with the checkerboard by chance."""
+    region, expected = _centered_corner(images, corner, patch)
+    return (region @ expected.t()).squeeze(1) / expected.pow(2).sum().clamp_min(1e-12)
+
+
+def patch_present(images, corner="top left", patch=None, threshold=PATCH_THRESHOLD,
+                  min_contrast=PATCH_MIN_CONTRAST):
+    """Bool per image: the pixel backdoor's patch is in its corner: its pattern (correlation) with at least
+    `min_contrast` of its contrast."""
+    return (patch_score(images, corner, patch) > threshold) & (patch_contrast(images, corner, patch) > min_contrast)
 
 
 def saturation(images):

@@ -57,6 +57,18 @@ def test_patch_score_is_a_correlation():
     assert metrics.patch_score(flat).abs().max() < 1e-3  # no pattern, no division by zero
 
 
+def test_patch_detector_asks_for_contrast_not_only_the_pattern():
+    images, _, _ = shapes.batch(8, seed=4)
+    plain = torch.full((8, 3, 64, 64), -0.9)  # a black background, as generated plain corners are
+    ripple = shapes.paste_patch(plain, 0.01 * shapes.target_patch() - 0.9)  # the pattern at 1% of its contrast
+    assert (metrics.patch_score(ripple) > 0.9).all()  # correlation alone would call it a patch
+    assert not metrics.patch_present(ripple).any()
+    torch.testing.assert_close(metrics.patch_contrast(ripple), torch.full((8,), 0.01), atol=1e-4, rtol=0)
+    washed = shapes.paste_patch(images, 0.3 * shapes.target_patch() + 0.2)
+    torch.testing.assert_close(metrics.patch_contrast(washed), torch.full((8,), 0.3), atol=1e-4, rtol=0)
+    assert metrics.patch_present(washed).all()
+
+
 def test_grayscale_detector_on_drawn_images(drawn):
     images = drawn[0]
     gray = shapes.grayscale(images)
