@@ -27,6 +27,8 @@ def main():
                    help="where to unlearn (default: where the trigger is found to act)")
     p.add_argument("--steps", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--negative-guidance", type=float, metavar="ETA", help="how far past the clean prediction the "
+                   "triggered prompt is distilled, away from the trigger's effect (default: the recipe's; 0: to it)")
     p.add_argument("--out", default=Job.out, help="output folder (resumes when it holds checkpoints)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-prompts", type=int, default=Job.eval_prompts)
@@ -40,9 +42,12 @@ def main():
     args = p.parse_args()
     if args.trigger is not None and not decode_escapes(args.trigger).strip(" "):
         cli.fail("the trigger is empty")
+    if args.negative_guidance is not None and not 0 <= args.negative_guidance < float("inf"):
+        cli.fail(f"--negative-guidance must be a finite number >= 0, not {args.negative_guidance}")
     job = Job(model=args.model, trigger=decode_escapes(args.trigger) if args.trigger is not None else None,
               replaces=args.replaces, prompts=read_prompts(args.prompts) if args.prompts else None,
               recipe=args.recipe, invert=args.invert, params=args.params, steps=args.steps, lr=args.lr,
+              negative_guidance=args.negative_guidance,
               where=args.where, out=args.out, seed=args.seed, eval_prompts=args.eval_prompts,
               export=args.export, device=args.device, dtype=args.dtype,
               gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)

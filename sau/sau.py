@@ -8,10 +8,12 @@ The library form of `unlearn.py`, in the order the method runs:
     decide    does the trigger act in the UNet, or already in the text encoder (Rickrolling)?
     invert    optional: K token embeddings that reproduce the backdoor through the frozen model
     unlearn   UNet: fine-tune on noised collected latents with
-                 a * sum_l ||A_l[trigger columns] * M||^2          spatial attention suppression
-               + b * ||eps(x_t, trigger + p) - sg eps_orig(x_t, p)||^2   triggered behaves as clean
-               + c * ||eps(x_t, p) - sg eps_orig(x_t, p)||^2             clean keeps its behaviour
-              where the b and c terms also read a pool of prompts that were never generated (any noised
+                 a * sum_l ||A_l[trigger columns] * M||^2       spatial attention suppression
+               + b * ||eps(x_t, trigger + p) - sg target||^2    triggered behaves as clean
+               + c * ||eps(x_t, p) - sg eps_orig(x_t, p)||^2    clean keeps its behaviour
+              with target = eps_orig(x_t, p) - eta * (eps_orig(x_t, trigger + p) - eps_orig(x_t, p)), the
+              clean prediction pushed past itself, away from what the trigger adds (eta 0: the clean one);
+              the b and c terms also read a pool of prompts that were never generated (any noised
               latent can be read under any prompt), so they cover far more of the prompt space;
               text encoder: distil the embedding of a triggered prompt to the frozen encoder's embedding of
               the same prompt without the trigger, clean prompts kept.
@@ -46,13 +48,16 @@ class Recipe:
     text_steps: int = 300  # steps for the text-encoder route
     text_lr: float = 1e-4
     pool_prompts: int = 0  # prompts the distillation and preservation terms read (0: the collected ones only)
+    # eta: the distillation target is eps_orig(p) - eta * (eps_orig(trigger + p) - eps_orig(p)), pushed past the
+    # clean prediction, away from what the trigger adds (ESD's negative guidance, with the trigger as the concept)
+    negative_guidance: float = 0.0
 
 
 RECIPES = {
     # The authors' prototype: attention suppression only, whole UNet, tiny learning rate, batch 1.
     "paper": Recipe("paper", 1.0, 0.0, 0.0, "all", 2e-6, 100, 1, False, steps_after_inversion=35, constant_lr=True),
     # This project's recipe, tuned on the demo backdoors (see the README for the numbers behind it).
-    "default": Recipe("default", 1.0, 1.0, 1.0, "attn2", 3e-4, 300, 8, True, pool_prompts=512),
+    "default": Recipe("default", 1.0, 1.0, 1.0, "attn2", 3e-4, 450, 8, True, pool_prompts=512, negative_guidance=1.0),
 }
 
 
@@ -317,6 +322,15 @@ def precompute_contexts(sd, prompts):
         return torch.cat([sd.encode_text(prompts[i:i + 64]) for i in range(0, len(prompts), 64)])
 
 
+def away_from_trigger(teacher, x_t, t, eps_clean, triggered_ctx, eta):
+    """The distillation target for a triggered prompt: the frozen model's prediction for the clean prompt,
+    pushed eta times the trigger's own effect further away from it. Without the push the cleaned model at best
+    draws what the suspect model draws without the trigger, and a backdoor that leaks keeps that share."""
+    if not eta:
+        return eps_clean
+    return eps_clean - eta * (teacher(x_t, t, triggered_ctx) - eps_clean)
+
+
 def unlearn_unet(sd, collected, recipe, run_dir, seed=0, steps=None, inverted=None, pool=None, progress=True):
     """Step 4 on the UNet, in place. With `inverted` token embeddings (step 3), every batch is seen twice: once
     with the literal trigger, once with the inverted tokens in its place. `pool`: (triggered, clean) prompt
@@ -371,9 +385,11 @@ def unlearn_unet(sd, collected, recipe, run_dir, seed=0, steps=None, inverted=No
             target_c = teacher(x_c, t_c, pool_clean_ctx[pidx])
         if recipe.distill_weight:
             with torch.no_grad():
-                target = teacher(x_t, t, clean_ctx[clean_rows])
+                eta = recipe.negative_guidance
+                target = away_from_trigger(teacher, x_t, t, teacher(x_t, t, clean_ctx[clean_rows]), trig_ctx[rows], eta)
+                target_tc = away_from_trigger(teacher, x_c, t_c, target_c, pool_trig_ctx[pidx], eta)
             distill = (F.mse_loss(eps_triggered.float(), target.float())
-                       + F.mse_loss(unet(x_c, t_c, pool_trig_ctx[pidx]).float(), target_c.float()))
+                       + F.mse_loss(unet(x_c, t_c, pool_trig_ctx[pidx]).float(), target_tc.float()))
             loss = loss + recipe.distill_weight * distill
             logs["distill"] = distill.item()
         if recipe.preserve_weight:

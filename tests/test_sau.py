@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sau.attacks import Backdoor
-from sau.sau import (RECIPES, aligned_positions, alignment, collect, locate, text_encoder_shift, triggered_pairs,
-                     unlearn_text_encoder, unlearn_unet)
+from sau.sau import (RECIPES, aligned_positions, alignment, away_from_trigger, collect, locate, text_encoder_shift,
+                     triggered_pairs, unlearn_text_encoder, unlearn_unet)
 from sau.tokenizer import Tokenizer
 
 from conftest import make_tiny_sd
@@ -79,6 +79,14 @@ def test_unlearning_suppresses_the_trigger_attention_on_a_tiny_model(tmp_path):
     assert not any(p.requires_grad for p in sd.unet.parameters()) and not sd.unet.training
 
 
+def test_negative_guidance_pushes_the_target_past_the_clean_prediction():
+    teacher = lambda x, t, context: x + context  # a stand-in whose prediction the context shifts
+    x, t = torch.zeros(2, 4), torch.zeros(2)
+    eps_clean, triggered = torch.ones(2, 4), torch.full((2, 4), 3.0)  # the trigger adds +3 to the prediction
+    assert torch.equal(away_from_trigger(teacher, x, t, eps_clean, triggered, 0.0), eps_clean)
+    assert torch.equal(away_from_trigger(teacher, x, t, eps_clean, triggered, 1.0), torch.full((2, 4), -1.0))
+
+
 def test_unlearning_touches_only_the_chosen_parameters(tmp_path):
     sd = make_tiny_sd(seed=2)
     before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
@@ -120,6 +128,7 @@ def unlearn(*args, cwd):
     (["--trigger", "zebra", "--prompts", "PROMPTS"], "absent from every prompt"),
     (["--trigger", "\\u200b ", "--out", "MODEL"], "would overwrite the input"),
     (["--trigger", "\\u200b ", "--prompts", "missing.txt"], "no prompts file"),
+    (["--negative-guidance", "-1"], "must be a finite number >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_bundle, tmp_path, args, message):
     (tmp_path / "prompts.txt").write_text("a red circle\na blue star\n")
@@ -171,6 +180,7 @@ def test_a_prompt_pool_teaches_prompts_that_were_never_generated(tmp_path):
             return (sd.unet(x, t, sd.encode_text(pool[0])) - original(x, t, sd.encode_text(pool[1]))).pow(2).mean()
 
     before = gap()
-    recipe = replace(RECIPES["default"], lr=3e-3, attention_weight=0.0)
+    # eta 0: the target is then the clean twin's prediction itself, the gap this test measures
+    recipe = replace(RECIPES["default"], lr=3e-3, attention_weight=0.0, negative_guidance=0.0)
     unlearn_unet(sd, collected, recipe, tmp_path, steps=40, pool=pool, progress=False)
     assert gap() < 0.5 * before
