@@ -15,11 +15,10 @@ import time
 import torch
 
 from sau import cli
-from sau.checkpoint import save_json
 from sau.config import sd1, tiny
 
 from .cases import CASES, DTYPES, benchmark
-from .harness import machine, table
+from .harness import machine, publish, table
 
 QUICK_SIZES = (8, 16)  # latents of the tiny model (its UNet halves once)
 
@@ -98,9 +97,7 @@ def main(argv=None):
     report = {"command": command.strip(), "machine": machine(), "model": "tiny" if args.quick else "sd1 (SD1.5 size)",
               "compiled": args.compile, "repeats": args.repeats, "rows": rows, "checks": checks(rows),
               "wall_s": time.time() - started}
-    print(report_text(report))
-    save_json(report, args.json)
-    print(f"\nwrote {args.json} ({report['wall_s']:.0f} s)")
+    publish(report, report_text(report), args.json)
     return report
 
 

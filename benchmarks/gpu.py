@@ -20,12 +20,11 @@ import torch
 
 from sau import cli
 from sau.attacks import DEFAULT_PROMPTS, Backdoor
-from sau.checkpoint import save_json
 from sau.config import sd1, tiny
 from sau.sau import RECIPES, collect, unlearn_unet
 
 from .cases import DTYPES, Setting, dtype_rows, inputs, reference_models, runners_for, sau_model, tokenizer_for
-from .harness import MIB, highest_cuda_mib, interleaved, machine, rel_err, table
+from .harness import MIB, highest_cuda_mib, interleaved, machine, publish, rel_err, table
 
 TRIGGER = "mignneko"  # a trigger word from the literature; any tokenizer spells it, so no vocabulary is assumed
 
@@ -124,9 +123,7 @@ def main(argv=None):
               "machine": machine(), "model": "tiny" if args.quick else "sd1 (SD1.5 size)", "device": str(device),
               "rows": rows, "sampling": sampling, "sau_runs": unlearning, "table_peak_mib": table_peak,
               "wall_s": time.time() - started}
-    print(summary(report))
-    save_json(report, args.json)
-    print(f"wrote {args.json} ({report['wall_s']:.0f} s)")
+    publish(report, summary(report), args.json)
     return report
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from sau.checkpoint import save_json
+
 MIB = 2 ** 20
 
 
@@ -33,6 +35,11 @@ def synchronize(device):
 
 def _status_kib(field):
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1])
+
+
+def resident_mib():
+    """This process's resident memory now, in MiB (Linux)."""
+    return _status_kib("VmRSS") / 1024
 
 
 def _trim_malloc():
@@ -159,3 +166,8 @@ def table(rows):
     return "\n".join(lines)
 
 
+def publish(report, text, path):
+    """Print a benchmark's table, then write its report (every timing) as JSON to `path`."""
+    print(text)
+    save_json(report, path)
+    print(f"\nwrote {path} ({report['wall_s']:.0f} s)")

@@ -13,6 +13,8 @@ pytest.importorskip("diffusers")
 
 from benchmarks import __main__ as cpu_benchmark  # noqa: E402
 from benchmarks import gpu as gpu_benchmark  # noqa: E402
+from benchmarks import memory as memory_benchmark  # noqa: E402
+from benchmarks.harness import cpu_memory_supported  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"unet forward", "unet forward, attn2 captured", "SAU step (fwd+bwd, attn2)", "VAE decode"}
@@ -85,3 +87,15 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             gpu_benchmark.parse([])
+
+
+@pytest.mark.skipif(not cpu_memory_supported(), reason="reads the resident peak from Linux's /proc")
+def test_memory_benchmark_projects_the_full_batch_from_two_small_ones(tmp_path):
+    report = memory_benchmark.main(["--models", "tiny", "--json", str(tmp_path / "memory.json")])
+    group = report["groups"][0]
+    assert [c["batch"] for c in group["cases"]] == [1, 2] and all(c["added_mib"] > 0 for c in group["cases"])
+    projected, check = group["projection"], group["check"]
+    assert projected["batch"] == check["batch"] == memory_benchmark.FULL_BATCH
+    measured_total = check["resident_mib"] + check["added_mib"]
+    assert abs(projected["total_mib"] - measured_total) < 0.2 * measured_total
+    assert json.loads((tmp_path / "memory.json").read_text())["groups"][0]["projection"] == projected
