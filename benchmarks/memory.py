@@ -76,13 +76,13 @@ def projected(cases, batch=FULL_BATCH):
     """The added memory at `batch`, on the line through the two measured batches."""
     (small, large) = sorted(cases, key=lambda c: c["batch"])
     per_image = (large["added_mib"] - small["added_mib"]) / (large["batch"] - small["batch"])
-    return {"batch": batch, "per_image_mib": per_image,
-            "added_mib": small["added_mib"] + per_image * (batch - small["batch"]),
-            "total_mib": small["resident_mib"] + small["added_mib"] + per_image * (batch - small["batch"])}
+    added = small["added_mib"] + per_image * (batch - small["batch"])
+    return {"batch": batch, "per_image_mib": per_image, "added_mib": added,
+            "total_mib": small["resident_mib"] + added}
 
 
-def row(case, batch):
-    c = case
+def row(c, batch):
+    """One table row for case `c`, its batch column written as `batch`."""
     per_step = "" if c["seconds"] is None else f"{c['seconds'] / c['steps']:.1f}"
     return (f"| {c['model']} | {c['dtype']} | {c['latents'][0]}x{c['latents'][1]} | "
             f"{'yes' if c['checkpointing'] else 'no'} | {batch} | {c['resident_mib']:.0f} | {c['added_mib']:.0f} | "

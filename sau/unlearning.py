@@ -133,9 +133,9 @@ def run(job: Job):
         compile_model(sd.unet, freezing=False)
     backdoor = backdoor_of(sd, job)
     recipe = RECIPES[job.recipe]
-    recipe = replace(recipe, params=job.params or recipe.params, lr=job.lr or recipe.lr,
-                     negative_guidance=recipe.negative_guidance if job.negative_guidance is None
-                     else job.negative_guidance)
+    recipe = replace(recipe, params=job.params or recipe.params, lr=job.lr or recipe.lr)
+    if job.negative_guidance is not None:  # 0 is a value here, not "unset"
+        recipe = replace(recipe, negative_guidance=job.negative_guidance)
     if job.prompts is not None and not any(backdoor.trigger in p for p in job.prompts):
         raise ValueError(f"the trigger {backdoor.trigger!r} is absent from every prompt given; give triggered prompts "
                          "(or none, to use built-in prompts with the trigger inserted)")
