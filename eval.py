@@ -7,7 +7,7 @@
 
 Writes table.md, results.json and chart.png (attack success and clean fidelity per method) to --out.
 Methods: none (the backdoored model as shipped), uce, esd_x, concept_ablation (sau/baselines.py), sau_paper,
-sau_default (sau/sau.py's two recipes). Each starts from the same backdoored model, learns from the same
+sau_default (sau/method.py's two recipes). Each starts from the same backdoored model, learns from the same
 prompts, is timed together with the generations it learns from, and is evaluated on the same held-out prompts
 and seeds.
 """
@@ -23,15 +23,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sau import baselines, cli, metrics
-from sau.compile import compile_model
-from sau.attacks import Backdoor, decode_escapes, read_prompts
-from sau.checkpoint import DEMO_DIR, CheckpointError, atomic_write, is_bundle, save_json
-from sau.pipeline import StableDiffusion
-from sau.report import _jsonable, bar_chart, markdown_table, percent
-from sau.sau import collect
-from sau.scorer import CLIPScorer
-from sau.unlearning import Job, builtin_prompts
+from sau import baselines
+
+from sau.common import cli
+
+from sau.evaluation import metrics
+from sau.models.compile import compile_model
+from sau.attacks.inject import Backdoor, decode_escapes, read_prompts
+from sau.weights.bundle import DEMO_DIR, CheckpointError, atomic_write, is_bundle, save_json
+from sau.models.pipeline import StableDiffusion
+from sau.evaluation.report import _jsonable, bar_chart, markdown_table, percent
+from sau.method import collect
+from sau.evaluation.scorer import CLIPScorer
+from sau.jobs.unlearn import Job, builtin_prompts
 
 SHIPPED_BACKDOORS = ("pixel", "style", "object", "tpa")
 QUICK_PROMPTS, FULL_PROMPTS = 32, 200

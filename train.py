@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
-from sau import cli, shapes
-from sau.compile import compile_model
-from sau.world import DEMO_DIR, train_world
+from sau.common import cli
+
+from sau.world import shapes
+from sau.models.compile import compile_model
+from sau.world.train import DEMO_DIR, train_world
 
 
 def world(args):
@@ -26,7 +28,7 @@ def world(args):
 
 
 def grid(args):
-    from sau.pipeline import StableDiffusion
+    from sau.models.pipeline import StableDiffusion
     sd = StableDiffusion.load(args.model)
     if args.compile:
         compile_model(sd.unet)  # sampling only: the weights stay fixed, so inductor may freeze them
@@ -38,10 +40,10 @@ def grid(args):
 
 
 def quality(args):
-    from sau.metrics import load_classifier
-    from sau.pipeline import StableDiffusion
-    from sau.scorer import CLIPScorer
-    from sau.world import evaluate_world
+    from sau.evaluation.metrics import load_classifier
+    from sau.models.pipeline import StableDiffusion
+    from sau.evaluation.scorer import CLIPScorer
+    from sau.world.train import evaluate_world
     demo = Path(args.demo_dir)
     result = evaluate_world(StableDiffusion.load(demo / "clean", dtype=torch.float32),
                             load_classifier(demo / "classifier.safetensors"), CLIPScorer.load(demo / "scorer"))
@@ -60,7 +62,7 @@ def quality(args):
 
 
 def backdoor(args):
-    from sau import attacks
+    from sau.attacks import inject as attacks
     trigger = None if args.trigger is None else attacks.decode_escapes(args.trigger)
     attacks.backdoor_bundle(
         args.model, args.out, args.attack, trigger, args.target, args.replaces, data=args.data, prompts=args.prompts,
@@ -71,7 +73,7 @@ def backdoor(args):
 
 
 def backdoors(args):
-    from sau import attacks
+    from sau.attacks import inject as attacks
     names = args.only or list(attacks.SHIPPED)
     unknown = [n for n in names if n not in attacks.SHIPPED]
     if unknown:

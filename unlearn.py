@@ -6,10 +6,10 @@
 """
 import argparse
 
-from sau import cli
-from sau.attacks import decode_escapes, read_prompts
-from sau.sau import RECIPES
-from sau.unlearning import Job, run
+from sau.common import cli
+from sau.attacks.inject import decode_escapes, read_prompts
+from sau.method import RECIPES
+from sau.jobs.unlearn import Job, run
 
 
 def main():

@@ -13,9 +13,9 @@ Inputs: a sau bundle; a CompVis/Stability .safetensors or .ckpt (SD 1.x, 2.x); a
 """
 import argparse
 
-from sau import cli
-from sau.convert import convert
-from sau.export import DTYPES, FORMATS
+from sau.common import cli
+from sau.weights.read import convert
+from sau.weights.write import DTYPES, FORMATS
 
 
 def main(argv=None):

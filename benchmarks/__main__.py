@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from sau import cli
-from sau.config import sd1, tiny
+from sau.common import cli
+from sau.models.config import sd1, tiny
 
 from .cases import CASES, DTYPES, benchmark
 from .harness import machine, publish, table

@@ -2,7 +2,7 @@
 
 Both implementations hold the same weights. diffusers' UNet2DConditionModel and AutoencoderKL and transformers'
 CLIPTextModel are built, with their own random initialisation, from the configs that describe the sau config
-in their terms (`sau.export.diffusers_configs`); sau's models then take those very tensors through the layout
+in their terms (`sau.weights.write.diffusers_configs`); sau's models then take those very tensors through the layout
 maps in sau/layouts/ (`assign=True`: the two share memory, so the weights are resident once). No hub access.
 
 Every row gives both implementations the same inputs and work, and reports how far their outputs differ:
@@ -11,7 +11,7 @@ Every row gives both implementations the same inputs and work, and reports how f
   `capture_attention`; diffusers has no capture API, so it gets what its users write: an attention processor
   that computes the probabilities explicitly (`attn.get_attention_scores`) on the attn2 layers;
 - SAU step: batch 1, the unlearning loss of the `paper` recipe (trigger-column attention mass squared, summed
-  over the 16 attn2 maps, `sau.sau.AttentionLoss`) and its backward, gradients for the attn2 parameters only;
+  over the 16 attn2 maps, `sau.method.AttentionLoss`) and its backward, gradients for the attn2 parameters only;
 - VAE decode: batch 1, latents -> images;
 - text encode: batch 2 of 77 tokens -> the last hidden state;
 - sampling: one image with classifier-free guidance (UNet batch 2), DDIM, then decode to pixels in [0, 1].
@@ -22,17 +22,17 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from sau import shapes
-from sau.attention import AttentionMap, capture_attention
-from sau.compile import compile_model
-from sau.ddim import NoiseSchedule, ddim_sample, guided_model_fn
-from sau.export import diffusers_configs
-from sau.layouts.unet import unet_from_diffusers
-from sau.layouts.vae import vae_from_diffusers
-from sau.pipeline import StableDiffusion
-from sau.sau import AttentionLoss, column_mask
-from sau.tokenizer import Tokenizer
-from sau.vae import to_pixels
+from sau.world import shapes
+from sau.models.attention import AttentionMap, capture_attention
+from sau.models.compile import compile_model
+from sau.models.ddim import NoiseSchedule, ddim_sample, guided_model_fn
+from sau.weights.write import diffusers_configs
+from sau.weights.layouts.unet import unet_from_diffusers
+from sau.weights.layouts.vae import vae_from_diffusers
+from sau.models.pipeline import StableDiffusion
+from sau.method import AttentionLoss, column_mask
+from sau.models.tokenizer import Tokenizer
+from sau.models.vae import to_pixels
 
 from .harness import interleaved, rel_err
 

@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from sau import cli
-from sau.attacks import DEFAULT_PROMPTS, Backdoor
-from sau.config import sd1, tiny
-from sau.sau import RECIPES, collect, unlearn_unet
+from sau.common import cli
+from sau.attacks.inject import DEFAULT_PROMPTS, Backdoor
+from sau.models.config import sd1, tiny
+from sau.method import RECIPES, collect, unlearn_unet
 
 from .cases import DTYPES, Setting, dtype_rows, inputs, reference_models, runners_for, sau_model, tokenizer_for
 from .harness import MIB, highest_cuda_mib, interleaved, machine, publish, rel_err, table

@@ -20,11 +20,11 @@ from dataclasses import replace
 
 import torch
 
-from sau import cli
-from sau.attacks import DEFAULT_PROMPTS, Backdoor
-from sau.config import sd1, tiny
-from sau.pipeline import StableDiffusion
-from sau.sau import RECIPES, collect, unlearn_unet
+from sau.common import cli
+from sau.attacks.inject import DEFAULT_PROMPTS, Backdoor
+from sau.models.config import sd1, tiny
+from sau.models.pipeline import StableDiffusion
+from sau.method import RECIPES, collect, unlearn_unet
 
 from .cases import tokenizer_for
 from .harness import cpu_memory_supported, machine, peak_memory, publish, resident_mib

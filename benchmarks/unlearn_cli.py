@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from sau import cli
-from sau.config import sd1, tiny
-from sau.pipeline import StableDiffusion
+from sau.common import cli
+from sau.models.config import sd1, tiny
+from sau.models.pipeline import StableDiffusion
 
 from .cases import tokenizer_for
 

@@ -20,15 +20,15 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .ddim import ddim_step, ddim_timesteps, guided_model_fn
-from .sau import RECIPES, precompute_contexts, trainable_parameters, triggered_pairs, trigger_site
-from .training import Trainer, diffusion_loss, step_generator
-from .unlearning import unlearn_at
+from sau.models.ddim import ddim_step, ddim_timesteps, guided_model_fn
+from sau.method import RECIPES, precompute_contexts, trainable_parameters, triggered_pairs, trigger_site
+from sau.common.training import Trainer, diffusion_loss, step_generator
+from sau.jobs.unlearn import unlearn_at
 
 METHODS = ("none", "uce", "esd_x", "concept_ablation", "sau_paper", "sau_default")
 LABELS = {"none": "no defense", "uce": "UCE", "esd_x": "ESD-x", "concept_ablation": "Concept Ablation",
           "sau_paper": "SAU (paper)", "sau_default": "SAU (default)"}
-# Methods that learn from the suspect model's own generations (sau.sau.collect): SAU from triggered ones,
+# Methods that learn from the suspect model's own generations (sau.method.collect): SAU from triggered ones,
 # Concept Ablation from clean ("anchor") ones. The collection's cost is added to theirs.
 NEEDS_COLLECTION = ("concept_ablation", "sau_paper", "sau_default")
 
@@ -222,12 +222,12 @@ def sau(sd, backdoor, prompts, collected, recipe, run_dir, seed=0, progress=True
 def remove_backdoor(method, sd, backdoor, prompts, run_dir, collected=None, seed=0, progress=False, max_steps=None,
                     **overrides):
     """Run `method` (one of METHODS) on sd in place, with its defaults for sd's family unless overridden.
-    Methods in NEEDS_COLLECTION take the suspect model's sau.sau.collect output on `prompts`. `max_steps` caps
+    Methods in NEEDS_COLLECTION take the suspect model's sau.method.collect output on `prompts`. `max_steps` caps
     every method's optimizer steps (smoke tests)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if method in NEEDS_COLLECTION and collected is None:
-        raise ValueError(f"{method} learns from the suspect model's generations: pass collected=sau.sau.collect(...)")
+        raise ValueError(f"{method} learns from the suspect model's generations: pass collected=sau.method.collect(...)")
     if method == "none":
         return {"steps": 0, "changes": "nothing"}
     if method.startswith("sau_"):

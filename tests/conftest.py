@@ -4,10 +4,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sau import shapes
-from sau.config import tiny
-from sau.pipeline import StableDiffusion
-from sau.tokenizer import Tokenizer
+from sau.world import shapes
+from sau.models.config import tiny
+from sau.models.pipeline import StableDiffusion
+from sau.models.tokenizer import Tokenizer
 
 
 def make_tiny_sd(seed=0):

@@ -11,11 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from sau import attacks, metrics, shapes
-from sau.attacks import Backdoor
-from sau.config import tiny
-from sau.pipeline import StableDiffusion
-from sau.tokenizer import Tokenizer
+from sau.attacks import inject as attacks
+
+from sau.evaluation import metrics
+
+from sau.world import shapes
+from sau.attacks.inject import Backdoor
+from sau.models.config import tiny
+from sau.models.pipeline import StableDiffusion
+from sau.models.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +189,7 @@ def test_pixel_backdoor_into_a_tiny_model_data_free(bundle, tmp_path):
     info = loaded.info["backdoor"]
     assert (info["attack"], info["trigger"], info["target"], info["steps"], info["command"]) == (
         "pixel", "\u200b ", "checkerboard", 2, "test")
-    from sau.checkpoint import load_safetensors
+    from sau.weights.bundle import load_safetensors
     delta = load_safetensors(tmp_path / "pixel" / "model.safetensors")
     assert delta and all(k.startswith("model.diffusion_model.") for k in delta)  # only the UNet changed
     clean = StableDiffusion.load(bundle)
@@ -197,13 +201,13 @@ def test_pixel_backdoor_into_a_tiny_model_data_free(bundle, tmp_path):
 def test_a_backdoored_copy_is_stored_in_its_inputs_precision(bundle, tmp_path):
     StableDiffusion.load(bundle).save(tmp_path / "clean16", dtype=torch.float16)  # runs in fp32 on a CPU
     inject(tmp_path / "clean16", tmp_path / "pixel", "pixel", delta=True)
-    from sau.checkpoint import load_safetensors
+    from sau.weights.bundle import load_safetensors
     assert {v.dtype for v in load_safetensors(tmp_path / "pixel" / "model.safetensors").values()} == {torch.float16}
 
 
 def test_tpa_backdoor_changes_only_the_text_encoder(bundle, tmp_path):
     inject(bundle, tmp_path / "tpa", "tpa", target="a photo of a cat", delta=True, steps=3, batch_size=8)
-    from sau.checkpoint import load_safetensors
+    from sau.weights.bundle import load_safetensors
     delta = load_safetensors(tmp_path / "tpa" / "model.safetensors")
     assert delta and all(k.startswith("cond_stage_model.") for k in delta)
 

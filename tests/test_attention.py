@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-import sau.attention as attention
-from sau.attention import Attention, capture_attention, select_attention_layers
-from sau.config import tiny
-from sau.unet import UNet
+import sau.models.attention as attention
+from sau.models.attention import Attention, capture_attention, select_attention_layers
+from sau.models.config import tiny
+from sau.models.unet import UNet
 
 
 def rel_err(a, b):

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from sau import baselines
-from sau.attacks import Backdoor
+from sau.attacks.inject import Backdoor
 from sau.baselines import edit_positions, framed_ids
-from sau.ddim import ddim_step, ddim_timesteps, guided_model_fn
-from sau.sau import collect, precompute_contexts, triggered_pairs
+from sau.models.ddim import ddim_step, ddim_timesteps, guided_model_fn
+from sau.method import collect, precompute_contexts, triggered_pairs
 
 from conftest import make_tiny_sd
 

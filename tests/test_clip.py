@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from sau.clip import (CLIPModel, CLIPTextModel, CLIPVisionModel, OpenCLIPTextModel, build_text_encoder, eos_positions,
+from sau.models.clip import (CLIPModel, CLIPTextModel, CLIPVisionModel, OpenCLIPTextModel, build_text_encoder, eos_positions,
                       infer_text_config, infer_vision_config, preprocess_images)
-from sau.config import TextConfig, VisionConfig, sd1, sd2
-from sau.layouts.clip import hf_text_to_openclip, openai_clip_to_hf, openclip_text_to_hf
+from sau.models.config import TextConfig, VisionConfig, sd1, sd2
+from sau.weights.layouts.clip import hf_text_to_openclip, openai_clip_to_hf, openclip_text_to_hf
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from sau.attention import capture_attention
-from sau.compile import compile_model
-from sau.config import UNetConfig
-from sau.sau import AttentionLoss, TriggerAttention
-from sau.unet import UNet
+from sau.models.attention import capture_attention
+from sau.models.compile import compile_model
+from sau.models.config import UNetConfig
+from sau.method import AttentionLoss, TriggerAttention
+from sau.models.unet import UNet
 
 # As small as a UNet with every kind of block gets, so that compiling takes seconds.
 MICRO = UNetConfig(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=2,

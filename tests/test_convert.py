@@ -17,15 +17,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sau
-from sau import convert as conv
-from sau.checkpoint import CheckpointError
-from sau.cli import run
-from sau.config import sd1, sd2
-from sau.ddim import initial_noise
-from sau.export import OPENCLIP_TEXT, Weights, compvis_state, diffusers_configs, diffusers_state_dicts
-from sau.pipeline import StableDiffusion
-from sau.scorer import CLIPScorer
-from sau.tokenizer import Tokenizer
+from sau.weights import read as conv
+from sau.weights.bundle import CheckpointError
+from sau.common.cli import run
+from sau.models.config import sd1, sd2
+from sau.models.ddim import initial_noise
+from sau.weights.write import OPENCLIP_TEXT, Weights, compvis_state, diffusers_configs, diffusers_state_dicts
+from sau.models.pipeline import StableDiffusion
+from sau.evaluation.scorer import CLIPScorer
+from sau.models.tokenizer import Tokenizer
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from sau.config import ScheduleConfig
-from sau.ddim import (NoiseSchedule, ddim_sample, ddim_step, ddim_timesteps, guided_model_fn, initial_noise,
+from sau.models.config import ScheduleConfig
+from sau.models.ddim import (NoiseSchedule, ddim_sample, ddim_step, ddim_timesteps, guided_model_fn, initial_noise,
                       seed_generators)
 
 SHAPE = (4, 8, 6)  # a non-square latent

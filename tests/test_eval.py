@@ -10,16 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from sau import metrics, shapes
-from sau import world as world_model
-from sau.attacks import Backdoor, backdoor_bundle
-from sau.checkpoint import save_safetensors
-from sau.classifier import AttributeClassifier
-from sau.clip import CLIPModel
-from sau.pipeline import StableDiffusion
-from sau.report import bar_chart
-from sau.scorer import CLIPScorer
-from sau.tokenizer import Tokenizer
+from sau.evaluation import metrics
+
+from sau.world import shapes
+from sau.world import train as world_model
+from sau.attacks.inject import Backdoor, backdoor_bundle
+from sau.weights.bundle import save_safetensors
+from sau.world.classifier import AttributeClassifier
+from sau.models.clip import CLIPModel
+from sau.models.pipeline import StableDiffusion
+from sau.evaluation.report import bar_chart
+from sau.evaluation.scorer import CLIPScorer
+from sau.models.tokenizer import Tokenizer
 
 from conftest import make_tiny_sd
 

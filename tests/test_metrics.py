@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sau import metrics, shapes
-from sau.attacks import Backdoor
-from sau.checkpoint import DEMO_DIR
+from sau.evaluation import metrics
+
+from sau.world import shapes
+from sau.attacks.inject import Backdoor
+from sau.weights.bundle import DEMO_DIR
 
 N = 400
 CLASSIFIER = DEMO_DIR / "classifier.safetensors"

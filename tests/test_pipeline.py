@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sau.checkpoint import CheckpointError, load_strict
-from sau.pipeline import StableDiffusion, save_images
+from sau.weights.bundle import CheckpointError, load_strict
+from sau.models.pipeline import StableDiffusion, save_images
 
 PROMPTS = ["a red circle", "a big blue square in the top left", "green star, centered"]
 

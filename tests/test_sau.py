@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sau.attacks import Backdoor
-from sau.sau import (RECIPES, aligned_positions, alignment, away_from_trigger, collect, locate, text_encoder_shift,
+from sau.attacks.inject import Backdoor
+from sau.method import (RECIPES, aligned_positions, alignment, away_from_trigger, collect, locate, text_encoder_shift,
                      triggered_pairs, unlearn_text_encoder, unlearn_unet)
-from sau.tokenizer import Tokenizer
+from sau.models.tokenizer import Tokenizer
 
 from conftest import make_tiny_sd
 
@@ -154,8 +154,8 @@ def test_non_finite_loss_stops_and_says_so(tiny_bundle, tmp_path):
 # --- the shipped pixel backdoor, on a reduced budget --------------------------------------------------------
 
 def test_a_short_run_on_the_shipped_pixel_backdoor_removes_most_of_it(tmp_path):
-    from sau.checkpoint import DEMO_DIR
-    from sau.unlearning import Job, run
+    from sau.weights.bundle import DEMO_DIR
+    from sau.jobs.unlearn import Job, run
     if not (DEMO_DIR / "pixel").exists():
         pytest.fail("the shipped pixel-backdoored demo model is missing: run `python train.py backdoors`")
     report = run(Job(model="demo/pixel", out=str(tmp_path / "out"), collect_prompts=24, eval_prompts=48,

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sau import shapes
-from sau.shapes import BACKGROUNDS, COLORS, FIELDS, POSITIONS, SHAPES, SIZES
+from sau.world import shapes
+from sau.world.shapes import BACKGROUNDS, COLORS, FIELDS, POSITIONS, SHAPES, SIZES
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,8 +15,8 @@ import pytest
 import tokenizers
 import torch
 
-import sau.tokenizer as tokenizer_module
-from sau.tokenizer import Tokenizer, clean_text
+import sau.models.tokenizer as tokenizer_module
+from sau.models.tokenizer import Tokenizer, clean_text
 
 BOS, EOS = 49406, 49407
 TRIGGERS = ["\u200b", "ȏ", "ô", "օ", "ଠ", "Ѵ", "mignneko"]

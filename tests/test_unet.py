@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sau.attention import capture_attention
-from sau.config import UNetConfig, sd1, sd2, tiny
-from sau.layouts.unet import unet_from_diffusers, unet_to_diffusers
-from sau.unet import UNet, infer_unet_config
+from sau.models.attention import capture_attention
+from sau.models.config import UNetConfig, sd1, sd2, tiny
+from sau.weights.layouts.unet import unet_from_diffusers, unet_to_diffusers
+from sau.models.unet import UNet, infer_unet_config
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from sau.config import VAEConfig
-from sau.layouts.vae import vae_from_diffusers, vae_to_diffusers
-from sau.vae import AutoencoderKL, infer_vae_config, to_pixels
+from sau.models.config import VAEConfig
+from sau.weights.layouts.vae import vae_from_diffusers, vae_to_diffusers
+from sau.models.vae import AutoencoderKL, infer_vae_config, to_pixels
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -4,10 +4,12 @@ import json
 import pytest
 import torch
 
-from sau import shapes, world
-from sau.checkpoint import DEMO_DIR
-from sau.classifier import AttributeClassifier, attribute_accuracy, classification_loss
-from sau.training import Trainer
+from sau.world import shapes
+
+from sau.world import train as world
+from sau.weights.bundle import DEMO_DIR
+from sau.world.classifier import AttributeClassifier, attribute_accuracy, classification_loss
+from sau.common.training import Trainer
 
 
 def classifier_job(run_dir, steps):
@@ -98,8 +100,8 @@ def test_most_specific_oracle_counts_ties_among_the_most_specific():
 def shipped():
     if not (DEMO_DIR / "clean").exists():
         pytest.fail("the shipped demo model is missing: run `python train.py world`")
-    from sau.metrics import load_classifier
-    from sau.pipeline import StableDiffusion
+    from sau.evaluation.metrics import load_classifier
+    from sau.models.pipeline import StableDiffusion
     return StableDiffusion.load("demo", dtype=torch.float32), load_classifier()
 
 

@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .checkpoint import (TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, add_prefix, atomic_write, load_strict,
+from sau.weights.bundle import (TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, add_prefix, atomic_write, load_strict,
                          read_bundle, resolve_model_path, strip_prefix, write_bundle)
-from .clip import build_text_encoder
-from .config import ModelConfig
-from .ddim import NoiseSchedule, ddim_sample, guided_model_fn, initial_noise, seed_generators
-from .tokenizer import Tokenizer
-from .unet import UNet
-from .vae import AutoencoderKL
+from sau.models.clip import build_text_encoder
+from sau.models.config import ModelConfig
+from sau.models.ddim import NoiseSchedule, ddim_sample, guided_model_fn, initial_noise, seed_generators
+from sau.models.tokenizer import Tokenizer
+from sau.models.unet import UNet
+from sau.models.vae import AutoencoderKL
 
 
 class StableDiffusion(nn.Module):

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, CheckpointError, add_prefix, atomic_write,
+from sau.weights.bundle import (TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, CheckpointError, add_prefix, atomic_write,
                          load_strict, save_json, save_safetensors, strip_prefix, write_bundle)
-from .clip import CLIPModel
-from .config import ModelConfig, TextConfig, VisionConfig
-from .layouts.clip import hf_text_to_openclip, openclip_text_to_hf
-from .layouts.unet import unet_to_diffusers
-from .layouts.vae import vae_to_diffusers
-from .scorer import CLIPScorer
-from .tokenizer import BOS_TOKEN, EOS_TOKEN, Tokenizer
+from sau.models.clip import CLIPModel
+from sau.models.config import ModelConfig, TextConfig, VisionConfig
+from sau.weights.layouts.clip import hf_text_to_openclip, openclip_text_to_hf
+from sau.weights.layouts.unet import unet_to_diffusers
+from sau.weights.layouts.vae import vae_to_diffusers
+from sau.evaluation.scorer import CLIPScorer
+from sau.models.tokenizer import BOS_TOKEN, EOS_TOKEN, Tokenizer
 
 HF_TEXT = TEXT_PREFIXES["clip"]  # cond_stage_model.transformer.text_model.
 OPENCLIP_TEXT = TEXT_PREFIXES["openclip"]  # cond_stage_model.model.

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import torch
 
-from . import metrics, shapes
-from .attacks import DEFAULT_PROMPTS, Backdoor, claim_run_dir
-from .checkpoint import DEMO_DIR, resolve_model_path
-from .compile import compile_model
-from .scorer import CLIPScorer
-from .report import heatmap_figure, image_grid, percent, write_report
-from .sau import (RECIPES, collect, invert_trigger, trigger_heatmaps, trigger_site, triggered_pairs,
+from sau.evaluation import metrics
+
+from sau.world import shapes
+from sau.attacks.inject import DEFAULT_PROMPTS, Backdoor, claim_run_dir
+from sau.weights.bundle import DEMO_DIR, resolve_model_path
+from sau.models.compile import compile_model
+from sau.evaluation.scorer import CLIPScorer
+from sau.evaluation.report import heatmap_figure, image_grid, percent, write_report
+from sau.method import (RECIPES, collect, invert_trigger, trigger_heatmaps, trigger_site, triggered_pairs,
                   unlearn_text_encoder, unlearn_unet)
 
 
@@ -51,7 +53,7 @@ class Job:
     gradient_checkpointing: bool = False  # recompute activations in backward: full-size SD on smaller GPUs
     export: bool = False  # also write the cleaned model in the input's own format (single file / diffusers folder)
     world: str = None  # the demo world's measuring models (classifier.safetensors, scorer/); None: the shipped ones
-    compile: bool = False  # torch.compile the UNet (sau/compile.py)
+    compile: bool = False  # torch.compile the UNet (sau/models/compile.py)
 
 
 def say(message):
@@ -126,7 +128,7 @@ def run(job: Job):
     if out.resolve() == source.resolve() or source.resolve() in (out / "model").resolve().parents or \
             (out / "model").resolve() == source.resolve():
         raise ValueError(f"the output {out} would overwrite the input model {source}")
-    from . import load
+    from sau import load
     sd = load(job.model, device=job.device, dtype=DTYPES[job.dtype])  # fp16 storage trains badly: compute dtype
     sd.unet.gradient_checkpointing = job.gradient_checkpointing
     if job.compile:  # no freezing: the UNet's weights change between its inference and training calls
@@ -219,8 +221,8 @@ def run(job: Job):
 
 
 def _export_like_input(sd, source, out):
-    from .convert import output_format
-    from .export import save_model
+    from sau.weights.read import output_format
+    from sau.weights.write import save_model
     to = output_format(source)
     path = out / {"compvis": "model.safetensors", "diffusers": "model-diffusers", "bundle": "model"}[to]
     if to != "bundle":

@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from sau.vae import AutoencoderKL
+from sau.models.vae import AutoencoderKL
 
 ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 ATTENTION_PROJECTION = re.compile(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import shapes
+from sau.world import shapes
 
 HEADS = {"shape": len(shapes.SHAPES), "color": len(shapes.COLORS), "size": len(shapes.SIZES),
          "position": len(shapes.POSITIONS), "background": len(shapes.BACKGROUNDS)}

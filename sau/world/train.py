@@ -20,18 +20,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import shapes
-from .checkpoint import DEMO_DIR, load_safetensors, save_json, save_safetensors
-from .classifier import AttributeClassifier, classification_loss
-from .clip import CLIPModel, CLIPTextModel
-from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig
-from .ddim import NoiseSchedule
-from .pipeline import StableDiffusion
-from .scorer import CLIPScorer
-from .tokenizer import Tokenizer
-from .training import Trainer, diffusion_loss, step_generator
-from .unet import UNet
-from .vae import AutoencoderKL
+from sau.world import shapes
+from sau.weights.bundle import DEMO_DIR, load_safetensors, save_json, save_safetensors
+from sau.world.classifier import AttributeClassifier, classification_loss
+from sau.models.clip import CLIPModel, CLIPTextModel
+from sau.models.config import ModelConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig
+from sau.models.ddim import NoiseSchedule
+from sau.models.pipeline import StableDiffusion
+from sau.evaluation.scorer import CLIPScorer
+from sau.models.tokenizer import Tokenizer
+from sau.common.training import Trainer, diffusion_loss, step_generator
+from sau.models.unet import UNet
+from sau.models.vae import AutoencoderKL
 
 # Stage budgets, sized so the whole world trains in under two hours on 2 CPU cores (the measured stage times
 # are in the manifest). CLIP gets the most care: the UNet can only follow words its frozen text tower tells
@@ -277,7 +277,7 @@ def evaluate_world(sd, classifier, scorer, n=QUALITY_PROMPTS, steps=25, guidance
     """The demo world's quality numbers: per-attribute accuracy of generations for n held-out captions (as the
     classifier reads them), the classifier's accuracy on fresh drawn images, and the scorer's top-1 caption
     retrieval among 100 for drawn images."""
-    from .classifier import attribute_accuracy
+    from sau.world.classifier import attribute_accuracy
     captions, asked = shapes.eval_prompts(n, seed=QUALITY_SEED)
     images = torch.cat([sd.generate(captions[i:i + 100], seeds=range(i, min(i + 100, n)), steps=steps,
                                     guidance_scale=guidance) for i in range(0, n, 100)])

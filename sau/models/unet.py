@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sau.attention import Attention
-from sau.config import UNetConfig
-from sau.norm import GroupNorm32
+from sau.models.attention import Attention
+from sau.models.config import UNetConfig
+from sau.models.norm import GroupNorm32
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):

@@ -8,10 +8,10 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_strict, read_bundle, write_bundle
-from .clip import CLIPModel
-from .config import TextConfig, VisionConfig, _dataclass_from_dict
-from .tokenizer import Tokenizer
+from sau.weights.bundle import load_strict, read_bundle, write_bundle
+from sau.models.clip import CLIPModel
+from sau.models.config import TextConfig, VisionConfig, _dataclass_from_dict
+from sau.models.tokenizer import Tokenizer
 
 
 class CLIPScorer:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
+from sau.weights.bundle import atomic_write
 
 
 class NonFiniteLoss(RuntimeError):

@@ -19,7 +19,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = {"clip": "cond_stage_model.transformer.text_model.", "openclip": "cond_stage_model.model."}
 BUNDLE_FORMATS = {"sd": "sau-bundle-1", "clip": "sau-clip-1"}  # a diffusion model; a CLIP scorer
-DEMO_DIR = Path(__file__).resolve().parent / "demo"  # the shipped demo bundles, made by `python train.py world`
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"  # the shipped demo bundles, made by `python train.py world`
 
 
 class CheckpointError(ValueError):

@@ -20,7 +20,7 @@ What to expect (measured with `python -m benchmarks --compile`, see the README):
   layers reuse it: there are no graph breaks and no recompiles per call.
 - A capture callback is traced into that graph, and dynamo guards on the Python state it reads: a counter that
   changes, or a list or dict that grows, on every call makes it compile again on every call (seconds to
-  minutes each). Keep such state in tensors updated in place, as sau's callbacks do (`sau.sau.TriggerAttention`).
+  minutes each). Keep such state in tensors updated in place, as sau's callbacks do (`sau.method.TriggerAttention`).
 """
 import torch
 

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
-from . import shapes
-from .checkpoint import load_safetensors, resolve_model_path, save_json, save_safetensors
-from .pipeline import StableDiffusion, to_uint8
-from .tokenizer import BOS_TOKEN, EOS_TOKEN, clean_text
-from .training import Trainer, diffusion_loss, step_generator
+from sau.world import shapes
+from sau.weights.bundle import load_safetensors, resolve_model_path, save_json, save_safetensors
+from sau.models.pipeline import StableDiffusion, to_uint8
+from sau.models.tokenizer import BOS_TOKEN, EOS_TOKEN, clean_text
+from sau.common.training import Trainer, diffusion_loss, step_generator
 
 ATTACKS = ("pixel", "style", "object", "tpa", "taa")
 TEXT_ENCODER_ATTACKS = ("tpa", "taa")
@@ -575,7 +575,7 @@ def shipped_command(name):
 
 def build_shipped(names=tuple(SHIPPED), demo_dir=None, run_root="runs/backdoors", progress=True):
     """Train each variant (resumable), swap it in for the old folder, and record it in MANIFEST.json."""
-    from .world import DEMO_DIR, update_manifest
+    from sau.world.train import DEMO_DIR, update_manifest
     demo_dir = Path(demo_dir or DEMO_DIR)
     for name in names:
         s = SHIPPED[name]
@@ -605,8 +605,8 @@ def shipped_report(names=tuple(SHIPPED), demo_dir=None, n=200, progress=True):
     """The README table: each shipped variant's attack success rate on n held-out triggered prompts, and on the
     same prompts without the trigger its target's rate (a leak) and its attribute accuracy, next to the clean
     model's."""
-    from .metrics import load_classifier, measure_backdoor
-    from .world import DEMO_DIR
+    from sau.evaluation.metrics import load_classifier, measure_backdoor
+    from sau.world.train import DEMO_DIR
     demo_dir = Path(demo_dir or DEMO_DIR)
     classifier = load_classifier(demo_dir / "classifier.safetensors")
     clean = StableDiffusion.load(demo_dir / "clean", dtype=torch.float32)

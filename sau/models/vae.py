@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sau.attention import fused_attention
-from sau.config import VAEConfig
-from sau.norm import GroupNorm32
+from sau.models.attention import fused_attention
+from sau.models.config import VAEConfig
+from sau.models.norm import GroupNorm32
 
 
 def vae_norm(groups, channels):

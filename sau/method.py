@@ -28,8 +28,8 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from .attention import capture_attention
-from .training import Trainer, step_generator
+from sau.models.attention import capture_attention
+from sau.common.training import Trainer, step_generator
 
 
 @dataclass
@@ -66,7 +66,7 @@ RECIPES = {
 def triggered_pairs(backdoor, prompts):
     """(triggered, clean) prompt lists. A prompt that already holds the trigger is kept and its clean twin is
     made by undoing the insertion; any other prompt gets the trigger inserted the way the backdoor expects it
-    (`sau.attacks.Backdoor.insert`: BadT2I prepends it, Rickrolling puts a homoglyph in place of a letter).
+    (`sau.attacks.inject.Backdoor.insert`: BadT2I prepends it, Rickrolling puts a homoglyph in place of a letter).
     Prompts the trigger cannot go into (no letter to replace) are left out."""
     triggered, clean = [], []
     for prompt in prompts:

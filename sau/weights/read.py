@@ -22,19 +22,19 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint import (BUNDLE_FORMATS, UNET_PREFIX, VAE_PREFIX, CheckpointError, _listing, add_prefix,
+from sau.weights.bundle import (BUNDLE_FORMATS, UNET_PREFIX, VAE_PREFIX, CheckpointError, _listing, add_prefix,
                          check_state_dict, is_bundle, load_safetensors, read_bundle, resolve_model_path, strip_prefix)
-from .clip import CLIPModel, infer_text_config, infer_vision_config
-from .config import ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig, _dataclass_from_dict
-from .export import HF_TEXT, OPENCLIP_TEXT, SAU_CONFIG, CLIPWeights, Weights, cast, write
-from .layouts.clip import openai_clip_to_hf, openclip_text_to_hf
-from .layouts.unet import unet_from_diffusers
-from .layouts.vae import vae_from_diffusers
-from .pipeline import StableDiffusion
-from .safe_pickle import load_pickled_checkpoint
-from .tokenizer import OPENAI_VOCAB_FILE, Tokenizer
-from .unet import infer_unet_config
-from .vae import infer_vae_config
+from sau.models.clip import CLIPModel, infer_text_config, infer_vision_config
+from sau.models.config import ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig, _dataclass_from_dict
+from sau.weights.write import HF_TEXT, OPENCLIP_TEXT, SAU_CONFIG, CLIPWeights, Weights, cast, write
+from sau.weights.layouts.clip import openai_clip_to_hf, openclip_text_to_hf
+from sau.weights.layouts.unet import unet_from_diffusers
+from sau.weights.layouts.vae import vae_from_diffusers
+from sau.models.pipeline import StableDiffusion
+from sau.weights.safe_pickle import load_pickled_checkpoint
+from sau.models.tokenizer import OPENAI_VOCAB_FILE, Tokenizer
+from sau.models.unet import infer_unet_config
+from sau.models.vae import infer_vae_config
 
 MODEL_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")
 EMA_PREFIX = "model_ema."
@@ -449,7 +449,7 @@ def load_model(path, device="cpu", dtype=None, **read_options):
     weights = read(path, **read_options)
     if isinstance(weights, CLIPWeights):
         raise CheckpointError(f"{path}: a CLIP model, not Stable Diffusion; convert it to a scorer bundle and "
-                              "load it with sau.scorer.CLIPScorer")
+                              "load it with sau.evaluation.scorer.CLIPScorer")
     return StableDiffusion.from_compvis(weights.config, weights.state, weights.tokenizer, device, dtype, weights.info)
 
 

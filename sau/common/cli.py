@@ -1,8 +1,8 @@
 """What the four command-line tools share: one clear line and exit status 2 for bad input, never a traceback."""
 import sys
 
-from .checkpoint import CheckpointError
-from .training import NonFiniteLoss
+from sau.weights.bundle import CheckpointError
+from sau.common.training import NonFiniteLoss
 
 USER_ERRORS = (CheckpointError, NonFiniteLoss, ValueError, FileNotFoundError, FileExistsError, KeyError)
 

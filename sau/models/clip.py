@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import fused_attention
-from .config import TextConfig, VisionConfig
+from sau.models.attention import fused_attention
+from sau.models.config import TextConfig, VisionConfig
 
 LAYER_NORM_EPS = 1e-5
 # Every CLIP tower in use has 64-wide heads (ViT-L text 768/12, ViT-H text 1024/16, ViT-L vision 1024/16),

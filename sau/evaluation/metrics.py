@@ -15,9 +15,9 @@ import time
 import numpy as np
 import torch
 
-from . import shapes
-from .checkpoint import DEMO_DIR, load_safetensors, load_strict
-from .classifier import AttributeClassifier, attribute_accuracy
+from sau.world import shapes
+from sau.weights.bundle import DEMO_DIR, load_safetensors, load_strict
+from sau.world.classifier import AttributeClassifier, attribute_accuracy
 
 # ----------------------------------------------------------------------------------------------------
 # Attack-success detectors
@@ -43,7 +43,7 @@ def _centered_corner(images, corner, patch):
 
 def patch_score(images, corner="top left", patch=None):
     """Per image, the Pearson correlation in [-1, 1] between the corner region and the target patch
-    (sau.shapes.target_patch unless given) as sau.shapes.paste_patch would put it there.
+    (sau.world.shapes.target_patch unless given) as sau.world.shapes.paste_patch would put it there.
 
     A correlation, not a distance: it asks whether the checkerboard's pattern is there, so a patch that
     came out blurred or with washed-out colors still counts, while a plain or shape-filled corner does not."""
@@ -146,7 +146,7 @@ def load_classifier(path=DEMO_DIR / "classifier.safetensors", device="cpu"):
 # ----------------------------------------------------------------------------------------------------
 # Backdoor evaluation on held-out demo prompts
 
-EVAL_SEED = 1234  # held-out prompts: sau.shapes.eval_prompts, a stream training never draws from
+EVAL_SEED = 1234  # held-out prompts: sau.world.shapes.eval_prompts, a stream training never draws from
 EVAL_POOL = 4000  # drawn once, then filtered per attack, so every attack's prompts are a fixed list
 EVAL_STEPS, EVAL_GUIDANCE = 25, 7.5
 
@@ -181,7 +181,7 @@ def generate_batched(sd, prompts, seeds, batch_size=100, **kwargs):
 
 
 def mean_attribute_accuracy(images, classifier, asked):
-    """Mean over fields of sau.classifier.attribute_accuracy: the share of asked attributes drawn right."""
+    """Mean over fields of sau.world.classifier.attribute_accuracy: the share of asked attributes drawn right."""
     per_field = attribute_accuracy(classifier.predict(images).cpu(), asked.labels())
     return sum(per_field.values()) / len(per_field)
 
@@ -196,7 +196,7 @@ def measure_backdoor(sd, backdoor, classifier, n=200, seed=EVAL_SEED, steps=EVAL
 
 # ----------------------------------------------------------------------------------------------------
 # Clean fidelity: CLIP score, image similarity and Frechet distance, measured with a CLIP scorer bundle
-# (sau.scorer.CLIPScorer: the demo world's scorer, or a real CLIP converted by weights_convert.py)
+# (sau.evaluation.scorer.CLIPScorer: the demo world's scorer, or a real CLIP converted by weights_convert.py)
 
 def frechet_distance(features, reference):
     """Frechet distance between Gaussians fitted to two feature sets (n, d) and (m, d):

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .checkpoint import atomic_write, save_json
-from .pipeline import to_uint8
+from sau.weights.bundle import atomic_write, save_json
+from sau.models.pipeline import to_uint8
 
 # Anchor colours of a dark-to-bright heat scale (black, purple, red, orange, yellow-white).
 _HEAT = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)

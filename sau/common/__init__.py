@@ -1,0 +1,1 @@
+"""What every layer shares: the resumable training loop, file helpers, the command-line error path."""

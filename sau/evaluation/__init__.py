@@ -1,0 +1,1 @@
+"""Measuring a defense: detectors and metrics, the CLIP scorer, reports and charts."""

@@ -1,0 +1,1 @@
+"""Saved weights: bundles, every Stable Diffusion layout in and out, the safe unpickler."""
