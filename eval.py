@@ -29,13 +29,15 @@ from sau.common import cli
 
 from sau.evaluation import metrics
 from sau.models.compile import compile_model
-from sau.attacks.inject import Backdoor, decode_escapes, read_prompts
+from sau.attacks.inject import Backdoor
+from sau.common.prompts import decode_escapes, read_prompts
 from sau.weights.bundle import DEMO_DIR, CheckpointError, atomic_write, is_bundle, save_json
 from sau.models.pipeline import StableDiffusion
 from sau.evaluation.report import _jsonable, bar_chart, markdown_table, percent
-from sau.method import collect
+from sau.method import collect, locate
 from sau.evaluation.scorer import CLIPScorer
-from sau.jobs.unlearn import Job, builtin_prompts
+from sau.evaluation.prompts import builtin_prompts
+from sau.jobs.unlearn import Job
 
 SHIPPED_BACKDOORS = ("pixel", "style", "object", "tpa")
 QUICK_PROMPTS, FULL_PROMPTS = 32, 200
@@ -115,7 +117,7 @@ def run_method(method, suspect, backdoor, prompts, collected, seed, device, max_
     """Clean the suspect in place with `method`, in a throwaway run folder (nothing resumes); returns what the
     method reports and its cost. The caller restores the suspect's weights afterwards."""
     with tempfile.TemporaryDirectory(prefix=f"eval-{method}-") as run_dir, metrics.measure_cost(device) as cost:
-        info = baselines.remove_backdoor(method, suspect, backdoor, prompts, run_dir, collected, seed,
+        info = baselines.defend(method, suspect, backdoor, prompts, run_dir, collected, seed,
                                          max_steps=max_steps)
     return info, cost
 
@@ -143,7 +145,7 @@ def grid_rows(args, world, models, methods, bar):
         collected, collect_cost = None, {"seconds": 0.0}
         if any(m in baselines.NEEDS_COLLECTION for m in methods):
             with metrics.measure_cost(args.device) as collect_cost:
-                collected = collect(suspect, backdoor, collect_prompts, range(len(collect_prompts)),
+                collected = collect(suspect, locate(suspect.tokenizer, backdoor, collect_prompts), range(len(collect_prompts)),
                                     steps=args.sample_steps)
         for method in methods:
             bar.set_description(f"{name}: {baselines.LABELS[method]}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from sau.common import cli
+from sau.common.prompts import decode_escapes
 
 from sau.world import shapes
 from sau.models.compile import compile_model
@@ -63,7 +64,7 @@ def quality(args):
 
 def backdoor(args):
     from sau.attacks import inject as attacks
-    trigger = None if args.trigger is None else attacks.decode_escapes(args.trigger)
+    trigger = None if args.trigger is None else decode_escapes(args.trigger)
     attacks.backdoor_bundle(
         args.model, args.out, args.attack, trigger, args.target, args.replaces, data=args.data, prompts=args.prompts,
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed, train=args.train,

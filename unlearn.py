@@ -7,7 +7,7 @@
 import argparse
 
 from sau.common import cli
-from sau.attacks.inject import decode_escapes, read_prompts
+from sau.common.prompts import decode_escapes, read_prompts
 from sau.method import RECIPES
 from sau.jobs.unlearn import Job, run
 

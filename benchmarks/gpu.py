@@ -19,9 +19,10 @@ import time
 import torch
 
 from sau.common import cli
-from sau.attacks.inject import DEFAULT_PROMPTS, Backdoor
+from sau.attacks.inject import Backdoor
+from sau.evaluation.prompts import DEFAULT_PROMPTS
 from sau.models.config import sd1, tiny
-from sau.method import RECIPES, collect, unlearn_unet
+from sau.method import RECIPES, collect, locate, unlearn_unet
 
 from .cases import DTYPES, Setting, dtype_rows, inputs, reference_models, runners_for, sau_model, tokenizer_for
 from .harness import MIB, highest_cuda_mib, interleaved, machine, publish, rel_err, table
@@ -61,7 +62,7 @@ def sau_run(pipe, config, dtype, device, steps, collect_steps, recipe):
     backdoor = Backdoor.make("pixel", trigger=TRIGGER)
     peak_reset(device)
     started = time.perf_counter()
-    collected = collect(sd, backdoor, DEFAULT_PROMPTS, seeds=range(len(DEFAULT_PROMPTS)), steps=collect_steps)
+    collected = collect(sd, locate(sd.tokenizer, backdoor, DEFAULT_PROMPTS), seeds=range(len(DEFAULT_PROMPTS)), steps=collect_steps)
     collected_s = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()

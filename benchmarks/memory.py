@@ -21,10 +21,11 @@ from dataclasses import replace
 import torch
 
 from sau.common import cli
-from sau.attacks.inject import DEFAULT_PROMPTS, Backdoor
+from sau.attacks.inject import Backdoor
+from sau.evaluation.prompts import DEFAULT_PROMPTS
 from sau.models.config import sd1, tiny
 from sau.models.pipeline import StableDiffusion
-from sau.method import RECIPES, collect, unlearn_unet
+from sau.method import RECIPES, collect, locate, unlearn_unet
 
 from .cases import tokenizer_for
 from .harness import cpu_memory_supported, machine, peak_memory, publish, resident_mib
@@ -49,7 +50,7 @@ def one_case(model, batch, steps, checkpointing):
     sd.unet.gradient_checkpointing = checkpointing
     prompts = [f"{TRIGGER} {p}" for p in DEFAULT_PROMPTS[:batch]]
     with torch.no_grad():
-        collected = collect(sd, Backdoor.make("pixel", trigger=TRIGGER), prompts, seeds=range(batch), steps=2)
+        collected = collect(sd, locate(sd.tokenizer, Backdoor.make("pixel", trigger=TRIGGER), prompts), seeds=range(batch), steps=2)
     recipe = replace(RECIPES["default"], batch_size=batch)
     resident = resident_mib()
     with tempfile.TemporaryDirectory() as run_dir:

@@ -12,18 +12,18 @@ are the papers' defaults (PAPER). The demo world's model is small and was traine
 steps than SD: its backdoors used a learning rate of 2e-4, 20 times BadT2I's 1e-5 on SD. The fine-tuning
 baselines get the same factor on it, and step counts that fit about a minute on 2 CPU cores (DEMO).
 
-SAU's two recipes join them in `remove_backdoor`, run through sau.sau's stages, so that every method is
+SAU's two recipes join them in `defend`, run through sau.method.remove_backdoor, so that every method is
 timed and evaluated the same way.
 """
-import copy
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
+from sau.common.training import Trainer, diffusion_loss, frozen_copy, step_generator
+from sau.method import RECIPES, remove_backdoor, text_contexts, trainable_parameters, triggered_pairs
 from sau.models.ddim import ddim_step, ddim_timesteps, guided_model_fn
-from sau.method import RECIPES, precompute_contexts, trainable_parameters, triggered_pairs, trigger_site
-from sau.common.training import Trainer, diffusion_loss, step_generator
-from sau.jobs.unlearn import unlearn_at
+from sau.models.tokenizer import shared_ends
 
 METHODS = ("none", "uce", "esd_x", "concept_ablation", "sau_paper", "sau_default")
 LABELS = {"none": "no defense", "uce": "UCE", "esd_x": "ESD-x", "concept_ablation": "Concept Ablation",
@@ -63,10 +63,7 @@ def edit_positions(triggered_ids, clean_ids, length):
     A trigger that only adds tokens (BadT2I prepends one) pairs its last token with the clean token before it,
     as UCE pairs a concept erased to " " with the start token."""
     t, c = triggered_ids, clean_ids
-    prefix = next((k for k in range(min(len(t), len(c))) if t[k] != c[k]), min(len(t), len(c)))
-    suffix = 0
-    while suffix < min(len(t), len(c)) - prefix and t[-1 - suffix] == c[-1 - suffix]:
-        suffix += 1
+    _, suffix = shared_ends(t, c)
     shift = len(t) - len(c)
     start = max(len(t) - suffix - 1, 0)
     return [(i, i - shift) for i in range(start, length) if 0 <= i - shift < length]
@@ -91,14 +88,14 @@ def uce(sd, backdoor, prompts, lamb=0.5, erase_scale=1.0, preserve_scale=0.1):
     if not triggered:
         raise ValueError(f"the trigger {backdoor.trigger!r} cannot be put into any of the prompts")
     length = sd.tokenizer.max_length
-    trig_feats, clean_feats = precompute_contexts(sd, triggered).double(), precompute_contexts(sd, clean).double()
+    trig_feats, clean_feats = text_contexts(sd, triggered).double(), text_contexts(sd, clean).double()
     edits, targets = [], []
     for row, (t, c) in enumerate(zip(triggered, clean)):
         pairs = edit_positions(framed_ids(sd.tokenizer, t), framed_ids(sd.tokenizer, c), length)
         edits.append(trig_feats[row, [i for i, _ in pairs]])
         targets.append(clean_feats[row, [j for _, j in pairs]])
     edits, targets = torch.cat(edits), torch.cat(targets)
-    kept = torch.cat([clean_feats, precompute_contexts(sd, [""]).double()]).flatten(0, 1)
+    kept = torch.cat([clean_feats, text_contexts(sd, [""]).double()]).flatten(0, 1)
     eye = torch.eye(kept.shape[1], dtype=torch.float64, device=kept.device)
     common = lamb * eye + preserve_scale * kept.t() @ kept
     numerator = common + erase_scale * targets.t() @ edits
@@ -124,11 +121,8 @@ def esd_x(sd, backdoor, run_dir, steps=1000, lr=1e-5, negative_guidance=1.0, sta
     trains at that step's timestep (ESD draws a DDPM timestep near it; here x_t and t always agree)."""
     unet = sd.unet
     concept = concept if concept is not None else (backdoor.trigger.strip() or backdoor.trigger)
-    frozen = copy.deepcopy(unet).eval().requires_grad_(False)
-    unet.requires_grad_(False)
+    frozen = frozen_copy(unet)
     params = trainable_parameters(unet, "attn2")
-    for p in params:
-        p.requires_grad_(True)
     with torch.no_grad():
         concept_ctx, empty_ctx = sd.encode_text([concept]), sd.encode_text([""])
     timesteps = ddim_timesteps(ddim_steps, sd.schedule.num_train_timesteps)
@@ -155,9 +149,13 @@ def esd_x(sd, backdoor, run_dir, steps=1000, lr=1e-5, negative_guidance=1.0, sta
 
 def ablation_parameters(unet, which):
     """Concept Ablation's parameter groups: "kv" (cross-attention keys and values, its default), "attn2", "all"."""
-    if which == "kv":
-        return [p for name, p in unet.named_parameters() if ".attn2.to_k." in name or ".attn2.to_v." in name]
-    return trainable_parameters(unet, which)
+    if which != "kv":
+        return trainable_parameters(unet, which)
+    unet.train().requires_grad_(False)
+    params = [p for name, p in unet.named_parameters() if ".attn2.to_k." in name or ".attn2.to_v." in name]
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def concept_ablation(sd, collected, run_dir, steps=100, lr=1.6e-5, batch_size=8, params="kv", prior_weight=1.0,
@@ -168,21 +166,16 @@ def concept_ablation(sd, collected, run_dir, steps=100, lr=1.6e-5, batch_size=8,
     the first term makes the triggered prompt behave as its clean twin, the second (prior preservation, the
     usual diffusion loss on the anchors) keeps the clean prompt. Only the chosen parameters train."""
     unet = sd.unet
-    frozen = copy.deepcopy(unet).eval().requires_grad_(False)
-    unet.requires_grad_(False)
+    frozen = frozen_copy(unet)
     trained = ablation_parameters(unet, params)
-    for p in trained:
-        p.requires_grad_(True)
-    target_ctx = precompute_contexts(sd, collected.prompts)
-    anchor_ctx = precompute_contexts(sd, collected.clean_prompts)
+    target_ctx = text_contexts(sd, collected.prompts)
+    anchor_ctx = text_contexts(sd, collected.clean_prompts)
     anchors, n = collected.clean_latents, len(collected.prompts)
 
     def loss_fn(step):
         g = step_generator(seed, step)
         idx = torch.randint(0, n, (batch_size,), generator=g)
-        noise = torch.randn(anchors[idx].shape, generator=g).to(anchors)
-        t = torch.randint(0, sd.schedule.num_train_timesteps, (batch_size,), generator=g).to(anchors.device)
-        x_t = sd.schedule.add_noise(anchors[idx], noise, t)
+        x_t, _, t = sd.schedule.noised(anchors[idx], g)
         with torch.no_grad():
             target = frozen(x_t, t, anchor_ctx[idx])
         ablation = F.mse_loss(unet(x_t, t, target_ctx[idx]).float(), target.float())
@@ -208,19 +201,17 @@ def _train(name, unet, params, steps, run_dir, lr, loss_fn, progress, changes):
 # --- every method behind one call ---------------------------------------------------------------------------
 
 def sau(sd, backdoor, prompts, collected, recipe, run_dir, seed=0, progress=True, max_steps=None):
-    """SAU as unlearn.py runs it (without inversion): unlearn where the trigger acts, with the recipe. The text
-    route, which needs no generations, takes as many built-in prompts as unlearn.py gives it."""
-    site, _, _ = trigger_site(sd, backdoor, collected.clean_prompts)
-    cap = recipe.text_steps if site == "text_encoder" else recipe.steps
-    trainer = unlearn_at(site, sd, backdoor, collected, recipe, run_dir, seed=seed, steps=min(cap, max_steps or cap),
-                         progress=progress)
-    changes = ("the text encoder" if site == "text_encoder" else
+    """SAU as unlearn.py runs it (without inversion), on the collection every method shares."""
+    if max_steps:
+        recipe = replace(recipe, steps=min(recipe.steps, max_steps), text_steps=min(recipe.text_steps, max_steps))
+    removal = remove_backdoor(sd, backdoor, prompts, recipe, run_dir, collected=collected, seed=seed,
+                              progress=progress)
+    changes = ("the text encoder" if removal.site == "text_encoder" else
                "cross-attention" if recipe.params == "attn2" else "the whole UNet")
-    return {"steps": trainer.steps, "changes": changes, "site": site}
+    return {"steps": removal.trainer.steps, "changes": changes, "site": removal.site}
 
-
-def remove_backdoor(method, sd, backdoor, prompts, run_dir, collected=None, seed=0, progress=False, max_steps=None,
-                    **overrides):
+def defend(method, sd, backdoor, prompts, run_dir, collected=None, seed=0, progress=False, max_steps=None,
+           **overrides):
     """Run `method` (one of METHODS) on sd in place, with its defaults for sd's family unless overridden.
     Methods in NEEDS_COLLECTION take the suspect model's sau.method.collect output on `prompts`. `max_steps` caps
     every method's optimizer steps (smoke tests)."""

@@ -1,38 +1,54 @@
-"""Spatial Attention Unlearning: find where a trigger acts in the cross-attention maps, and unlearn it there.
+"""Spatial Attention Unlearning (SAU): find where a trigger acts in the cross-attention maps, and unlearn it there.
 
-The library form of `unlearn.py`, in the order the method runs:
+Read `remove_backdoor` first: it runs the method's five stages in order, and each stage is a section below.
 
-    locate    the trigger's token columns in each triggered prompt
-    collect   triggered generations of the suspect model (final latents, data-free) and the trigger
-              tokens' cross-attention maps over layers and steps: where the trigger acts
-    decide    does the trigger act in the UNet, or already in the text encoder (Rickrolling)?
-    invert    optional: K token embeddings that reproduce the backdoor through the frozen model
-    unlearn   UNet: fine-tune on noised collected latents with
-                 a * sum_l ||A_l[trigger columns] * M||^2       spatial attention suppression
-               + b * ||eps(x_t, trigger + p) - sg target||^2    triggered behaves as clean
-               + c * ||eps(x_t, p) - sg eps_orig(x_t, p)||^2    clean keeps its behaviour
-              with target = eps_orig(x_t, p) - eta * (eps_orig(x_t, trigger + p) - eps_orig(x_t, p)), the
-              clean prediction pushed past itself, away from what the trigger adds (eta 0: the clean one);
-              the b and c terms also read a pool of prompts that were never generated (any noised
-              latent can be read under any prompt), so they cover far more of the prompt space;
-              text encoder: distil the embedding of a triggered prompt to the frozen encoder's embedding of
-              the same prompt without the trigger, clean prompts kept.
+    1. locate    the trigger's token columns in each triggered prompt
+    2. collect   the suspect model's generations for the triggered prompts and their clean twins (final
+                 latents: data-free), and the trigger columns' cross-attention maps over layers and steps
+    3. decide    does the trigger act in the UNet, or already in the text encoder (Rickrolling)?
+    4. invert    optional: K token embeddings that reproduce the backdoor through the frozen model
+    5. unlearn   fine-tune where it acts. In the UNet, on a batch of B rows, with eps the trained UNet and
+                 eps_o its frozen copy:
+
+        L = a * L_attn + b * L_distill + c * L_preserve
+
+        L_attn     = sum_l mean_{rows, heads, pixels} ( M_l * sum_{k in trigger columns} A_l[k] )^2
+                     A_l the softmax probabilities of cross-attention layer l under the triggered prompt at
+                     x_t; M_l the trigger's collected heatmap at that layer scaled to a peak of 1 (or ones)
+        L_distill  = mse( eps(x_t, T+p),  sg y(x_t; p, T+p) )  +  mse( eps(x_c, T+q),  sg y(x_c; q, T+q) )
+        L_preserve = mse( eps(x_c, q),  sg eps_o(x_c, q) )
+        y(x; p, T+p) = eps_o(x, p) - eta * ( eps_o(x, T+p) - eps_o(x, p) )
+
+                 x_t: a collected triggered latent noised at a random timestep; p its prompt without the
+                 trigger, T+p with it. x_c: the collected clean latent of the same row, noised afresh. q: a
+                 prompt from the pool (any prompt can be read at any noised latent, so the pool reaches far
+                 more prompts than were generated; without a pool q = p). eta pushes the target past the
+                 clean prediction, away from what the trigger adds (ESD's negative guidance; eta 0: the clean
+                 prediction itself). mse is the mean over every element.
+
+                 In the text encoder: the encoder's output for a triggered prompt, at aligned positions, is
+                 pulled to the frozen encoder's output for the prompt without the trigger; clean prompts keep
+                 their outputs.
+
+Verifying and writing the result (stage 6 of `unlearn.py`) is the job runner's: sau/jobs/unlearn.py.
 
 What is the paper's (its abstract: latent manipulation and spatial attention isolate and remove the trigger's
 latent representation), what is reconstructed from the authors' public prototype (the `paper` recipe) and what
-is this project's choice (the `default` recipe, the text-encoder route, the spatial mask) is set out in the README.
+is this project's (the `default` recipe, the text-encoder route, the spatial mask, the pool, eta) is set out
+in docs/method.md.
 """
-import copy
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
+from sau.common.training import Trainer, frozen_copy, step_generator
+from sau.evaluation.prompts import builtin_prompts
 from sau.models.attention import capture_attention
-from sau.common.training import Trainer, step_generator
+from sau.models.tokenizer import shared_ends
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
     name: str
     attention_weight: float  # a: spatial attention suppression
@@ -42,32 +58,91 @@ class Recipe:
     lr: float
     steps: int
     batch_size: int
-    spatial_mask: bool  # weight the attention loss by where the trigger's attention concentrates
+    spatial_mask: bool  # M: weight the attention term by where the trigger's attention concentrates
+    pool_prompts: int = 0  # q: prompts the distillation and preservation terms read (0: the collected ones)
+    negative_guidance: float = 0.0  # eta
     steps_after_inversion: int = 0  # the prototype trains fewer steps once the trigger is inverted
     constant_lr: bool = False
-    text_steps: int = 300  # steps for the text-encoder route
+    text_prompts: int = 512  # prompt pairs the text-encoder route learns on (they cost no generations)
+    text_steps: int = 300
     text_lr: float = 1e-4
-    pool_prompts: int = 0  # prompts the distillation and preservation terms read (0: the collected ones only)
-    # eta: the distillation target is eps_orig(p) - eta * (eps_orig(trigger + p) - eps_orig(p)), pushed past the
-    # clean prediction, away from what the trigger adds (ESD's negative guidance, with the trigger as the concept)
-    negative_guidance: float = 0.0
 
 
 RECIPES = {
     # The authors' prototype: attention suppression only, whole UNet, tiny learning rate, batch 1.
-    "paper": Recipe("paper", 1.0, 0.0, 0.0, "all", 2e-6, 100, 1, False, steps_after_inversion=35, constant_lr=True),
-    # This project's recipe, tuned on the demo backdoors (see the README for the numbers behind it).
-    "default": Recipe("default", 1.0, 1.0, 1.0, "attn2", 3e-4, 450, 8, True, pool_prompts=512, negative_guidance=1.0),
+    "paper": Recipe(name="paper", attention_weight=1.0, distill_weight=0.0, preserve_weight=0.0, params="all",
+                    lr=2e-6, steps=100, batch_size=1, spatial_mask=False, steps_after_inversion=35,
+                    constant_lr=True),
+    # This project's recipe, tuned on the demo backdoors (docs/method.md has the numbers behind it).
+    "default": Recipe(name="default", attention_weight=1.0, distill_weight=1.0, preserve_weight=1.0, params="attn2",
+                      lr=3e-4, steps=450, batch_size=8, spatial_mask=True, pool_prompts=512,
+                      negative_guidance=1.0),
 }
 
 
-# --- locate -----------------------------------------------------------------------------------------------
+@dataclass
+class Removal:
+    """What remove_backdoor did: its collection, where it unlearned and why, and the training run."""
+    collected: "Collected"
+    site: str  # "unet" or "text_encoder"
+    trigger_shift: float  # how far the trigger moves the text encoder's output (stage 3)
+    word_shift: float  # how far an ordinary word moves it
+    trainer: Trainer
+    inverted: torch.Tensor = None  # the inverted trigger embeddings (stage 4), if any
+
+
+def remove_backdoor(sd, backdoor, prompts, recipe, run_dir, pool=None, collected=None, invert=False, where="auto",
+                    seed=0, steps=None, sample_steps=25, progress=True, observe=None):
+    """SAU on `sd`, in place: the five stages in order. `prompts` are generated to collect on (or `collected`
+    is a collection already made on them); `pool` the prompts the text-conditioned terms read (None: the
+    built-in ones). `observe(stage, value)`, if given, sees each stage's result as it comes."""
+    observe = observe or (lambda stage, value: None)
+    if collected is None:
+        located = locate(sd.tokenizer, backdoor, prompts)                                    # 1. locate
+        observe("locate", located)
+        collected = collect(sd, located, seeds=range(len(located.prompts)), steps=sample_steps)  # 2. collect
+        observe("collect", collected)
+    site, trigger_shift, word_shift = decide(sd, backdoor, collected.clean_prompts)          # 3. decide
+    site = site if where == "auto" else where
+    observe("decide", (site, trigger_shift, word_shift))
+    inverted = None
+    if invert and site == "unet":                                                            # 4. invert
+        inverted = invert_trigger(sd, collected, run_dir, seed=seed, progress=progress)
+        steps = steps or recipe.steps_after_inversion
+    if site == "text_encoder":                                                               # 5. unlearn
+        pairs = triggered_pairs(backdoor, pool or builtin_prompts(sd, recipe.text_prompts, seed))
+        trainer = unlearn_text_encoder(sd, pairs, recipe, run_dir, seed, steps, progress)
+    else:
+        pairs = triggered_pairs(backdoor, pool or builtin_prompts(sd, recipe.pool_prompts, seed)) \
+            if recipe.pool_prompts else None
+        trainer = unlearn_unet(sd, collected, recipe, run_dir, seed, steps, inverted, pairs, progress)
+    return Removal(collected, site, trigger_shift, word_shift, trainer, inverted)
+
+
+# --- 1. locate ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Located:
+    prompts: list  # triggered prompts
+    clean_prompts: list  # the same prompts without the trigger
+    positions: list  # the trigger's token positions in each triggered prompt
+
+
+def locate(tokenizer, backdoor, prompts):
+    """The triggered prompts, their clean twins and the trigger's token columns in each."""
+    triggered, clean = triggered_pairs(backdoor, prompts)
+    if not triggered:
+        raise ValueError(f"the trigger {backdoor.trigger!r} cannot be put into any of the prompts")
+    kept, positions = trigger_positions(tokenizer, triggered, backdoor.trigger)
+    kept_set = set(kept)
+    return Located(kept, [c for t, c in zip(triggered, clean) if t in kept_set], positions)
+
 
 def triggered_pairs(backdoor, prompts):
     """(triggered, clean) prompt lists. A prompt that already holds the trigger is kept and its clean twin is
     made by undoing the insertion; any other prompt gets the trigger inserted the way the backdoor expects it
-    (`sau.attacks.inject.Backdoor.insert`: BadT2I prepends it, Rickrolling puts a homoglyph in place of a letter).
-    Prompts the trigger cannot go into (no letter to replace) are left out."""
+    (`sau.attacks.backdoor.Backdoor.insert`: BadT2I prepends it, Rickrolling puts a homoglyph in place of a
+    letter). Prompts the trigger cannot go into (no letter to replace) are left out."""
     triggered, clean = [], []
     for prompt in prompts:
         if backdoor.trigger in prompt:
@@ -86,8 +161,8 @@ def remove_trigger(prompt, backdoor):
     return " ".join(prompt.replace(backdoor.trigger, " ").split())
 
 
-def locate(tokenizer, prompts, trigger):
-    """Token positions of the trigger in each triggered prompt. Prompts where the trigger vanishes (e.g. past
+def trigger_positions(tokenizer, prompts, trigger):
+    """Token positions of the trigger in each prompt. Prompts where the trigger vanishes (e.g. past
     truncation) are dropped; ValueError when no prompt keeps it."""
     if not trigger or not trigger.strip(" "):
         raise ValueError("the trigger is empty")
@@ -111,7 +186,7 @@ def column_mask(positions, length):
     return mask
 
 
-# --- collect ----------------------------------------------------------------------------------------------
+# --- 2. collect ---------------------------------------------------------------------------------------------
 
 @dataclass
 class Collected:
@@ -129,6 +204,17 @@ class Collected:
         for heat in self.heatmaps.values():
             by_size.setdefault(tuple(heat.shape), []).append(heat)
         return {size: torch.stack(maps).mean(0) for size, maps in sorted(by_size.items(), reverse=True)}
+
+
+def collect(sd, located, seeds, steps=25, guidance_scale=7.5):
+    """The suspect model's triggered and clean generations, and where the trigger's attention falls."""
+    seeds = list(seeds)[:len(located.prompts)]
+    latents, heatmaps = trigger_heatmaps(sd, located.prompts, located.positions, seeds, steps, guidance_scale)
+    clean_latents = sd.generate(located.clean_prompts, seeds, steps=steps, guidance_scale=guidance_scale,
+                                decode=False)
+    layer_mass = {layer: heat.mean().item() for layer, heat in heatmaps.items()}
+    return Collected(located.prompts, located.clean_prompts, located.positions, latents, clean_latents, heatmaps,
+                     layer_mass)
 
 
 class TriggerAttention:
@@ -164,21 +250,29 @@ def trigger_heatmaps(sd, prompts, positions, seeds, steps=25, guidance_scale=7.5
     return latents, recorder.heatmaps()
 
 
-def collect(sd, backdoor, prompts, seeds, steps=25, guidance_scale=7.5):
-    """Step 2: the suspect model's triggered and clean generations, and where the trigger's attention falls."""
+# --- 3. decide: where does the trigger act? -----------------------------------------------------------------
+
+def decide(sd, backdoor, prompts, control="a", ratio=1.0):
+    """'text_encoder' when inserting the trigger moves the text encoder's output more (`ratio` times) than
+    inserting an ordinary word the same way; else 'unet'. Returns (site, trigger shift, word shift).
+
+    A clean encoder reacts to a rare, meaningless token less than to a word; a Rickrolled encoder rewrites
+    the whole prompt. On the demo backdoors: BadT2I's trigger 0.2 against a word's 0.59, Rickrolling's 1.06
+    against 0.77."""
+    control_backdoor = replace(backdoor, trigger=control, replaces="" if not backdoor.replaces else " ")
+    trigger_shift = text_encoder_shift(sd, backdoor, prompts)
+    word_shift = text_encoder_shift(sd, control_backdoor, prompts)
+    site = "text_encoder" if trigger_shift > ratio * word_shift else "unet"
+    return site, trigger_shift, word_shift
+
+
+@torch.no_grad()
+def text_encoder_shift(sd, backdoor, prompts):
+    """Mean relative change of the text encoder's output at aligned positions when the trigger goes in."""
     triggered, clean = triggered_pairs(backdoor, prompts)
-    if not triggered:
-        raise ValueError(f"the trigger {backdoor.trigger!r} cannot be put into any of the prompts")
-    kept, positions = locate(sd.tokenizer, triggered, backdoor.trigger)
-    clean = [c for t, c in zip(triggered, clean) if t in set(kept)]
-    seeds = list(seeds)[:len(kept)]
-    latents, heatmaps = trigger_heatmaps(sd, kept, positions, seeds, steps, guidance_scale)
-    clean_latents = sd.generate(clean, seeds, steps=steps, guidance_scale=guidance_scale, decode=False)
-    layer_mass = {layer: heat.mean().item() for layer, heat in heatmaps.items()}
-    return Collected(kept, clean, positions, latents, clean_latents, heatmaps, layer_mass)
+    aligned = alignment(sd.tokenizer, triggered, clean)
+    return aligned_distance(sd.encode_text(triggered), sd.encode_text(clean), aligned, relative=True).item()
 
-
-# --- decide: where does the trigger act? ------------------------------------------------------------------
 
 def aligned_positions(triggered_ids, clean_ids, length):
     """Pairs (i, j): position i of the triggered prompt should read like position j of the clean one.
@@ -187,10 +281,7 @@ def aligned_positions(triggered_ids, clean_ids, length):
     sits in) is paired by its last token, which in a causal encoder has read the whole word. Padding after
     eos pairs up in order. Positions past `length` are dropped."""
     t, c = triggered_ids, clean_ids
-    prefix = next((k for k in range(min(len(t), len(c))) if t[k] != c[k]), min(len(t), len(c)))
-    suffix = 0
-    while suffix < min(len(t), len(c)) - prefix and t[-1 - suffix] == c[-1 - suffix]:
-        suffix += 1
+    prefix, suffix = shared_ends(t, c)
     pairs = [(k, k) for k in range(prefix)]
     if len(t) - suffix > prefix and len(c) - suffix > prefix:
         pairs.append((len(t) - suffix - 1, len(c) - suffix - 1))
@@ -215,29 +306,7 @@ def aligned_distance(triggered_out, clean_out, aligned, relative=False):
     return torch.cat(errors).mean()
 
 
-@torch.no_grad()
-def text_encoder_shift(sd, backdoor, prompts):
-    """Mean relative change of the text encoder's output at aligned positions when the trigger goes in."""
-    triggered, clean = triggered_pairs(backdoor, prompts)
-    aligned = alignment(sd.tokenizer, triggered, clean)
-    return aligned_distance(sd.encode_text(triggered), sd.encode_text(clean), aligned, relative=True).item()
-
-
-def trigger_site(sd, backdoor, prompts, control="a", ratio=1.0):
-    """'text_encoder' when inserting the trigger moves the text encoder's output more (`ratio` times) than
-    inserting an ordinary word the same way; else 'unet'. Returns (site, trigger shift, control shift).
-
-    A clean encoder reacts to a rare, meaningless token less than to a word; a Rickrolled encoder rewrites
-    the whole prompt. On the demo backdoors: BadT2I's trigger 0.2 against a word's 0.59, Rickrolling's 1.06
-    against 0.77."""
-    control_backdoor = replace(backdoor, trigger=control, replaces="" if not backdoor.replaces else " ")
-    trigger_shift = text_encoder_shift(sd, backdoor, prompts)
-    control_shift = text_encoder_shift(sd, control_backdoor, prompts)
-    site = "text_encoder" if trigger_shift > ratio * control_shift else "unet"
-    return site, trigger_shift, control_shift
-
-
-# --- invert: the trigger's latent representation -----------------------------------------------------------
+# --- 4. invert: the trigger's latent representation -------------------------------------------------------------
 
 def token_embedding(encoder):
     """The token lookup table of either text tower layout."""
@@ -256,16 +325,15 @@ def with_inserted_tokens(sd, prompts, embeds):
 
 
 def invert_trigger(sd, collected, run_dir, k=4, steps=200, lr=1e-3, seed=0, progress=True):
-    """Step 3 (--invert): learn K token embeddings that, put in front of the clean prompt, make the frozen
-    model reproduce the collected backdoor outputs (the textual-inversion loss on the collected latents).
-    They stand for the trigger's latent representation rather than its spelling."""
+    """Learn K token embeddings that, put in front of the clean prompt, make the frozen model reproduce the
+    collected backdoor outputs (the textual-inversion loss on the collected latents). They stand for the
+    trigger's latent representation rather than its spelling."""
     table = token_embedding(sd.text_encoder).weight
     trigger_ids = [sd.tokenizer.encode(p)[i] for p, cols in zip(collected.prompts, collected.positions) for i in cols]
     start = table[torch.tensor(trigger_ids)].mean(0)
     embeds = torch.nn.Parameter(start.detach().float().repeat(k, 1) + 0.01 * torch.randn(k, table.shape[1]))
     holder = torch.nn.ParameterDict({"embeds": embeds})
-    frozen = [sd.unet, sd.text_encoder]
-    for module in frozen:
+    for module in (sd.unet, sd.text_encoder):
         module.requires_grad_(False)
     n = len(collected.prompts)
 
@@ -274,9 +342,8 @@ def invert_trigger(sd, collected, run_dir, k=4, steps=200, lr=1e-3, seed=0, prog
         idx = torch.randint(0, n, (8,), generator=g)
         context, _ = with_inserted_tokens(sd, [collected.clean_prompts[i] for i in idx.tolist()], embeds)
         latents = collected.latents[idx]
-        noise = torch.randn(latents.shape, generator=g).to(latents)
-        t = torch.randint(0, sd.schedule.num_train_timesteps, (len(idx),), generator=g)
-        prediction = sd.unet(sd.schedule.add_noise(latents, noise, t), t, context)
+        x_t, noise, t = sd.schedule.noised(latents, g)
+        prediction = sd.unet(x_t, t, context)
         return F.mse_loss(prediction.float(), sd.schedule.training_target(latents, noise, t).float()), {}
 
     Trainer("invert", holder, [embeds], steps, run_dir, lr=lr, grad_clip=1.0, save_every=100).run(
@@ -284,26 +351,78 @@ def invert_trigger(sd, collected, run_dir, k=4, steps=200, lr=1e-3, seed=0, prog
     return embeds.detach()
 
 
-# --- unlearn: the UNet route ------------------------------------------------------------------------------
+# --- 5. unlearn: the UNet route -----------------------------------------------------------------------------
 
-def trainable_parameters(unet, which):
-    """Only these go to the optimizer; the rest of the UNet is frozen."""
-    if which == "all":
-        return list(unet.parameters())
-    if which == "attn2":
-        return [p for name, p in unet.named_parameters() if ".attn2." in name]
-    raise ValueError(f"unknown parameter set {which!r}; choose attn2 or all")
+def unlearn_unet(sd, collected, recipe, run_dir, seed=0, steps=None, inverted=None, pool=None, progress=True):
+    """Fine-tune the UNet in place on L = a * L_attn + b * L_distill + c * L_preserve (the module docstring).
+    `pool`: (triggered, clean) prompt lists for q (default: the collected prompts). With `inverted` token
+    embeddings (stage 4), every batch is seen twice: once with the literal trigger, once with the inverted
+    tokens in its place. Returns the Trainer (its log holds the loss curve)."""
+    unet = sd.unet
+    teacher = frozen_copy(unet)
+    params = trainable_parameters(unet, recipe.params)
+    data = training_data(sd, collected, inverted, pool)
+    masks = spatial_masks(collected, recipe.spatial_mask)
+
+    def loss_fn(step):
+        batch = sample_batch(data, sd.schedule, recipe.batch_size, step_generator(seed, step))
+        eps_triggered, l_attn = predict_with_attention(unet, batch, masks)
+        loss, logs = recipe.attention_weight * l_attn, {"attention": float(l_attn)}
+        if recipe.distill_weight or recipe.preserve_weight:
+            with torch.no_grad():
+                eps_clean_c = teacher(batch.x_c, batch.t_c, batch.pool_clean)  # shared by both terms
+        if recipe.distill_weight:
+            l_distill = distillation(unet, teacher, batch, eps_triggered, eps_clean_c, recipe.negative_guidance)
+            loss, logs["distill"] = loss + recipe.distill_weight * l_distill, l_distill.item()
+        if recipe.preserve_weight:
+            l_preserve = preservation(unet, batch, eps_clean_c)
+            loss, logs["preserve"] = loss + recipe.preserve_weight * l_preserve, l_preserve.item()
+        return loss, logs
+
+    trainer = Trainer("unlearn_unet", {"unet": unet}, params, steps or recipe.steps, run_dir, lr=recipe.lr,
+                      grad_clip=1.0, save_every=100, warmup=0, min_lr_ratio=1.0 if recipe.constant_lr else 0.1)
+    try:
+        trainer.run(loss_fn, log_every=10, progress=progress)
+    finally:
+        unet.eval().requires_grad_(False)
+    return trainer
 
 
-def spatial_masks(collected, use_mask):
-    """Per layer, M: the trigger's heatmap scaled to a peak of 1 (where it acts weighs most), or ones."""
-    if not use_mask:
-        return {}
-    return {layer: heat / heat.max().clamp(min=1e-12) for layer, heat in collected.heatmaps.items()}
+def predict_with_attention(unet, batch, masks):
+    """eps(x_t, T+p) and L_attn = sum_l mean((M_l * trigger mass)^2), the maps captured in the same pass."""
+    attention = AttentionLoss(batch.columns, masks)
+    with capture_attention(unet, "attn2", callback=attention, keep_graph=True):
+        eps_triggered = unet(batch.x_t, batch.t, batch.triggered)
+    return eps_triggered, attention.total
+
+
+def distillation(unet, teacher, batch, eps_triggered, eps_clean_c, eta):
+    """L_distill: the triggered prompt predicts what the frozen model predicts without the trigger, pushed eta
+    times the trigger's effect further away; at the backdoor's own outputs (x_t) and at clean ones (x_c), where
+    sampling from noise passes too."""
+    with torch.no_grad():
+        target_t = away_from_trigger(teacher, batch.x_t, batch.t, teacher(batch.x_t, batch.t, batch.clean),
+                                     batch.triggered, eta)
+        target_c = away_from_trigger(teacher, batch.x_c, batch.t_c, eps_clean_c, batch.pool_triggered, eta)
+    return (F.mse_loss(eps_triggered.float(), target_t.float())
+            + F.mse_loss(unet(batch.x_c, batch.t_c, batch.pool_triggered).float(), target_c.float()))
+
+
+def away_from_trigger(teacher, x, t, eps_clean, triggered, eta):
+    """y = eps_o(x, p) - eta * (eps_o(x, T+p) - eps_o(x, p)). Without the push the cleaned model at best draws
+    what the suspect model draws without the trigger, and a backdoor that leaks keeps that share."""
+    if not eta:
+        return eps_clean
+    return eps_clean - eta * (teacher(x, t, triggered) - eps_clean)
+
+
+def preservation(unet, batch, eps_clean_c):
+    """L_preserve: clean prompts keep the frozen model's prediction."""
+    return F.mse_loss(unet(batch.x_c, batch.t_c, batch.pool_clean).float(), eps_clean_c.float())
 
 
 class AttentionLoss:
-    """Capture callback accumulating sum over layers of mean((trigger attention mass * M)^2)."""
+    """Capture callback accumulating L_attn = sum over layers of mean((M_l * trigger attention mass)^2)."""
 
     def __init__(self, columns, masks):
         self.columns, self.masks = columns, masks
@@ -317,105 +436,103 @@ class AttentionLoss:
         self.total = self.total + mass.float().pow(2).mean()
 
 
-def precompute_contexts(sd, prompts):
+def spatial_masks(collected, use_mask):
+    """Per layer, M: the trigger's heatmap scaled to a peak of 1 (where it acts weighs most), or ones."""
+    if not use_mask:
+        return {}
+    return {layer: heat / heat.max().clamp(min=1e-12) for layer, heat in collected.heatmaps.items()}
+
+
+def trainable_parameters(unet, which):
+    """Unfreeze only these and return them: "attn2" (cross-attention) or "all"; the rest stays frozen."""
+    unet.train().requires_grad_(False)
+    if which == "all":
+        params = list(unet.parameters())
+    elif which == "attn2":
+        params = [p for name, p in unet.named_parameters() if ".attn2." in name]
+    else:
+        raise ValueError(f"unknown parameter set {which!r}; choose attn2 or all")
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+@dataclass
+class TrainingData:
+    """Everything a UNet unlearning batch is drawn from: rows of the collection, and prompt pool contexts."""
+    latents: torch.Tensor  # (n, ...) collected triggered latents
+    clean_latents: torch.Tensor  # (n, ...) collected clean latents, same rows
+    triggered: torch.Tensor  # (n or 2n, tokens, width) T+p contexts; rows n..2n: the inverted trigger
+    clean: torch.Tensor  # (n, tokens, width) p contexts
+    columns: torch.Tensor  # (n or 2n, tokens) trigger columns of each triggered row
+    pool_triggered: torch.Tensor  # (m, tokens, width) T+q contexts
+    pool_clean: torch.Tensor  # (m, tokens, width) q contexts
+    has_pool: bool  # False: q is p, the collected prompts themselves
+
+
+@dataclass
+class Batch:
+    x_t: torch.Tensor  # noised collected triggered latents
+    t: torch.Tensor
+    triggered: torch.Tensor  # T+p
+    clean: torch.Tensor  # p
+    columns: torch.Tensor  # the trigger columns of each row of `triggered`
+    x_c: torch.Tensor  # the same rows' clean latents, noised afresh
+    t_c: torch.Tensor
+    pool_triggered: torch.Tensor  # T+q
+    pool_clean: torch.Tensor  # q
+
+
+def training_data(sd, collected, inverted=None, pool=None):
+    """Text contexts computed once; with `inverted`, a second copy of every row with the inverted tokens in
+    place of the literal trigger."""
+    triggered = text_contexts(sd, collected.prompts)
+    clean = text_contexts(sd, collected.clean_prompts)
+    columns = column_mask(collected.positions, sd.tokenizer.max_length)
+    if inverted is not None:
+        with torch.no_grad():
+            inverted_ctx, inverted_positions = with_inserted_tokens(sd, collected.clean_prompts, inverted)
+        triggered = torch.cat([triggered, inverted_ctx])
+        columns = torch.cat([columns, column_mask(inverted_positions, sd.tokenizer.max_length)])
+    pool_triggered, pool_clean = (triggered[:len(clean)], clean) if pool is None else \
+        (text_contexts(sd, pool[0]), text_contexts(sd, pool[1]))
+    return TrainingData(collected.latents, collected.clean_latents, triggered, clean, columns, pool_triggered,
+                        pool_clean, has_pool=pool is not None)
+
+
+def sample_batch(data, schedule, batch_size, generator):
+    """One batch: rows of the collection, their latents noised at random timesteps, and pool prompts. Every
+    draw comes from `generator`, in a fixed order, so a step's batch depends only on (seed, step)."""
+    n = len(data.clean)
+    rows = torch.randint(0, n, (batch_size,), generator=generator)
+    x_t, _, t = schedule.noised(data.latents[rows], generator)
+    triggered_rows, clean_rows = rows, rows
+    if len(data.triggered) > n:  # the same noised latents under the literal and the inverted trigger
+        triggered_rows, clean_rows = torch.cat([rows, rows + n]), torch.cat([rows, rows])
+        x_t, t = torch.cat([x_t, x_t]), torch.cat([t, t])
+    x_c, _, t_c = schedule.noised(data.clean_latents[rows], generator)
+    pool_rows = torch.randint(0, len(data.pool_clean), (batch_size,), generator=generator) if data.has_pool \
+        else rows
+    return Batch(x_t, t, data.triggered[triggered_rows], data.clean[clean_rows], data.columns[triggered_rows],
+                 x_c, t_c, data.pool_triggered[pool_rows], data.pool_clean[pool_rows])
+
+
+def text_contexts(sd, prompts):
+    """The frozen text encoder's outputs for `prompts`, in chunks of 64."""
     with torch.no_grad():
         return torch.cat([sd.encode_text(prompts[i:i + 64]) for i in range(0, len(prompts), 64)])
 
 
-def away_from_trigger(teacher, x_t, t, eps_clean, triggered_ctx, eta):
-    """The distillation target for a triggered prompt: the frozen model's prediction for the clean prompt,
-    pushed eta times the trigger's own effect further away from it. Without the push the cleaned model at best
-    draws what the suspect model draws without the trigger, and a backdoor that leaks keeps that share."""
-    if not eta:
-        return eps_clean
-    return eps_clean - eta * (teacher(x_t, t, triggered_ctx) - eps_clean)
+# --- 5. unlearn: the text-encoder route ---------------------------------------------------------------------
 
-
-def unlearn_unet(sd, collected, recipe, run_dir, seed=0, steps=None, inverted=None, pool=None, progress=True):
-    """Step 4 on the UNet, in place. With `inverted` token embeddings (step 3), every batch is seen twice: once
-    with the literal trigger, once with the inverted tokens in its place. `pool`: (triggered, clean) prompt
-    lists for the distillation and preservation terms on clean latents; a noised latent can be read under any
-    prompt, so these terms can see far more prompts than were generated (default: the collected ones).
-    Returns the Trainer (its log holds the loss curve)."""
-    unet = sd.unet
-    teacher = copy.deepcopy(unet).eval().requires_grad_(False)
-    unet.train()
-    unet.requires_grad_(False)
-    params = trainable_parameters(unet, recipe.params)
-    for p in params:
-        p.requires_grad_(True)
-    trig_ctx = precompute_contexts(sd, collected.prompts)
-    clean_ctx = precompute_contexts(sd, collected.clean_prompts)
-    pool_trig_ctx, pool_clean_ctx = (trig_ctx, clean_ctx) if pool is None else \
-        (precompute_contexts(sd, pool[0]), precompute_contexts(sd, pool[1]))
-    columns = column_mask(collected.positions, sd.tokenizer.max_length)
-    if inverted is not None:
-        with torch.no_grad():
-            inv_ctx, inv_positions = with_inserted_tokens(sd, collected.clean_prompts, inverted)
-        trig_ctx = torch.cat([trig_ctx, inv_ctx])
-        columns = torch.cat([columns, column_mask(inv_positions, sd.tokenizer.max_length)])
-    masks = spatial_masks(collected, recipe.spatial_mask)
-    schedule, n = sd.schedule, len(collected.prompts)
-
-    def noised(latents, g):
-        noise = torch.randn(latents.shape, generator=g).to(latents)
-        t = torch.randint(0, schedule.num_train_timesteps, (latents.shape[0],), generator=g)
-        return schedule.add_noise(latents, noise, t.to(latents.device)), t
-
-    def loss_fn(step):
-        g = step_generator(seed, step)
-        idx = torch.randint(0, n, (recipe.batch_size,), generator=g)
-        x_t, t = noised(collected.latents[idx], g)
-        rows, clean_rows = idx, idx
-        if inverted is not None:  # the same noised latents under the literal and the inverted trigger
-            rows, clean_rows = torch.cat([idx, idx + n]), torch.cat([idx, idx])
-            x_t, t = torch.cat([x_t, x_t]), torch.cat([t, t])
-        attention = AttentionLoss(columns[rows], masks)
-        with capture_attention(unet, "attn2", callback=attention, keep_graph=True):
-            eps_triggered = unet(x_t, t, trig_ctx[rows])
-        loss = recipe.attention_weight * attention.total
-        logs = {"attention": attention.total.item() if torch.is_tensor(attention.total) else 0.0}
-        if not (recipe.distill_weight or recipe.preserve_weight):
-            return loss, logs
-        # The clean generations, noised: sampling from noise passes near them too, so the triggered prompt
-        # must learn to behave as the clean one there as well as on the backdoor's own outputs.
-        x_c, t_c = noised(collected.clean_latents[idx], g)
-        pidx = idx if pool is None else torch.randint(0, len(pool_trig_ctx), (recipe.batch_size,), generator=g)
-        with torch.no_grad():
-            target_c = teacher(x_c, t_c, pool_clean_ctx[pidx])
-        if recipe.distill_weight:
-            with torch.no_grad():
-                eta = recipe.negative_guidance
-                target = away_from_trigger(teacher, x_t, t, teacher(x_t, t, clean_ctx[clean_rows]), trig_ctx[rows], eta)
-                target_tc = away_from_trigger(teacher, x_c, t_c, target_c, pool_trig_ctx[pidx], eta)
-            distill = (F.mse_loss(eps_triggered.float(), target.float())
-                       + F.mse_loss(unet(x_c, t_c, pool_trig_ctx[pidx]).float(), target_tc.float()))
-            loss = loss + recipe.distill_weight * distill
-            logs["distill"] = distill.item()
-        if recipe.preserve_weight:
-            preserve = F.mse_loss(unet(x_c, t_c, pool_clean_ctx[pidx]).float(), target_c.float())
-            loss = loss + recipe.preserve_weight * preserve
-            logs["preserve"] = preserve.item()
-        return loss, logs
-
-    trainer = Trainer("unlearn_unet", {"unet": unet}, params, steps or recipe.steps, run_dir, lr=recipe.lr,
-                      grad_clip=1.0, save_every=100, warmup=0, min_lr_ratio=1.0 if recipe.constant_lr else 0.1)
-    try:
-        trainer.run(loss_fn, log_every=10, progress=progress)
-    finally:
-        unet.eval().requires_grad_(False)
-    return trainer
-
-
-# --- unlearn: the text-encoder route ----------------------------------------------------------------------
-
-def unlearn_text_encoder(sd, backdoor, prompts, recipe, run_dir, seed=0, steps=None, progress=True):
-    """Step 4 where a Rickrolling-style backdoor lives: the encoder's output for a triggered prompt is pulled,
+def unlearn_text_encoder(sd, pairs, recipe, run_dir, seed=0, steps=None, progress=True):
+    """Where a Rickrolling-style backdoor lives: the encoder's output for a triggered prompt is pulled,
     position by aligned position, to the frozen encoder's output for the prompt without the trigger, and
-    clean prompts keep their outputs. The frozen encoder is the suspect one: clean except on the trigger."""
+    clean prompts keep their outputs. The frozen encoder is the suspect one: clean except on the trigger.
+    `pairs`: (triggered, clean) prompt lists."""
     encoder = sd.text_encoder
-    teacher = copy.deepcopy(encoder).eval().requires_grad_(False)
-    triggered, clean = triggered_pairs(backdoor, prompts)
+    teacher = frozen_copy(encoder)
+    triggered, clean = pairs
     aligned = alignment(sd.tokenizer, triggered, clean)
     trig_ids, clean_ids = sd.tokenizer(triggered), sd.tokenizer(clean)
     with torch.no_grad():

@@ -15,6 +15,7 @@ from sau.attacks import inject as attacks
 
 from sau.evaluation import metrics
 
+from sau.evaluation.prompts import DEFAULT_PROMPTS
 from sau.world import shapes
 from sau.attacks.inject import Backdoor
 from sau.models.config import tiny
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tokenizer():
     _, captions, _ = shapes.batch(300, seed=0)
-    return Tokenizer.train(captions + attacks.DEFAULT_PROMPTS * 3, vocab_size=700, max_length=32)
+    return Tokenizer.train(captions + DEFAULT_PROMPTS * 3, vocab_size=700, max_length=32)
 
 
 @pytest.fixture(scope="module")

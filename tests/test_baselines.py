@@ -9,7 +9,7 @@ from sau import baselines
 from sau.attacks.inject import Backdoor
 from sau.baselines import edit_positions, framed_ids
 from sau.models.ddim import ddim_step, ddim_timesteps, guided_model_fn
-from sau.method import collect, precompute_contexts, triggered_pairs
+from sau.method import collect, locate, text_contexts, triggered_pairs
 
 from conftest import make_tiny_sd
 
@@ -37,7 +37,7 @@ def test_edit_positions_align_from_the_trigger_to_the_end():
 
 def kv_outputs(sd, prompts):
     """to_k and to_v of every attn2 layer applied to the prompts' text features, (2, batch, tokens, all widths)."""
-    feats = precompute_contexts(sd, prompts)
+    feats = text_contexts(sd, prompts)
     layers = [m for name, m in sd.unet.named_modules() if name.endswith(".attn2")]
     return torch.cat([torch.stack([layer.to_k(feats), layer.to_v(feats)]) for layer in layers], dim=-1)
 
@@ -127,7 +127,7 @@ def ablation_objective(sd, frozen, collected):
 
 def test_concept_ablation_trains_only_keys_and_values(tmp_path):
     sd = make_tiny_sd(seed=8)
-    collected = collect(sd, ZW, PROMPTS[:4], seeds=range(4), steps=3, guidance_scale=3.0)
+    collected = collect(sd, locate(sd.tokenizer, ZW, PROMPTS[:4]), seeds=range(4), steps=3, guidance_scale=3.0)
     frozen, before = copy.deepcopy(sd.unet), snapshot(sd)
     start = ablation_objective(sd, frozen, collected)
     # without the prior term: on a random model, learning real noise would swamp the small ablation term
@@ -149,17 +149,17 @@ def test_defaults_are_the_papers_and_scaled_for_the_demo():
     assert baselines.hyperparameters("concept_ablation", "demo")["lr"] == pytest.approx(20 * ca["lr"])
 
 
-def test_remove_backdoor_dispatches_caps_and_refuses(tmp_path):
+def test_defend_dispatches_caps_and_refuses(tmp_path):
     sd = make_tiny_sd(seed=9)
     before = snapshot(sd)
     with pytest.raises(ValueError, match="unknown method 'fine_prune'"):
-        baselines.remove_backdoor("fine_prune", sd, ZW, PROMPTS, tmp_path)
+        baselines.defend("fine_prune", sd, ZW, PROMPTS, tmp_path)
     with pytest.raises(ValueError, match="collected="):
-        baselines.remove_backdoor("concept_ablation", sd, ZW, PROMPTS, tmp_path)
-    assert baselines.remove_backdoor("none", sd, ZW, PROMPTS, tmp_path)["steps"] == 0 and not changed(sd, before)
-    collected = collect(sd, ZW, PROMPTS[:4], seeds=range(4), steps=3, guidance_scale=3.0)
+        baselines.defend("concept_ablation", sd, ZW, PROMPTS, tmp_path)
+    assert baselines.defend("none", sd, ZW, PROMPTS, tmp_path)["steps"] == 0 and not changed(sd, before)
+    collected = collect(sd, locate(sd.tokenizer, ZW, PROMPTS[:4]), seeds=range(4), steps=3, guidance_scale=3.0)
     for method in ("esd_x", "concept_ablation", "sau_paper", "sau_default"):
-        info = baselines.remove_backdoor(method, sd, ZW, PROMPTS[:4], tmp_path / method, collected, max_steps=2)
+        info = baselines.defend(method, sd, ZW, PROMPTS[:4], tmp_path / method, collected, max_steps=2)
         assert info["steps"] == 2, method
     # a random model's text encoder may react to the trigger more than to a word: SAU then picks the encoder
     assert (info["site"], info["changes"]) == ("unet", "cross-attention") or info["site"] == "text_encoder"

@@ -11,6 +11,7 @@ import torch
 
 from sau.attacks.inject import Backdoor
 from sau.method import (RECIPES, aligned_positions, alignment, away_from_trigger, collect, locate, text_encoder_shift,
+                        trigger_positions,
                      triggered_pairs, unlearn_text_encoder, unlearn_unet)
 from sau.models.tokenizer import Tokenizer
 
@@ -35,7 +36,7 @@ def clip_tokenizer():
 def test_locate_finds_tricky_triggers(clip_tokenizer, backdoor, prompt, expected):
     (triggered,), (clean,) = triggered_pairs(backdoor, [prompt])
     assert clean == prompt.replace(backdoor.trigger, "").replace("  ", " ").strip() or backdoor.trigger not in prompt
-    _, (positions,) = locate(clip_tokenizer, [triggered], backdoor.trigger)
+    _, (positions,) = trigger_positions(clip_tokenizer, [triggered], backdoor.trigger)
     ids = clip_tokenizer.encode(triggered)
     pieces = clip_tokenizer.decode([ids[p] for p in positions])  # together: a homoglyph's bytes span tokens
     assert positions == sorted(positions) and positions[0] >= 1
@@ -48,9 +49,9 @@ def test_locate_finds_tricky_triggers(clip_tokenizer, backdoor, prompt, expected
 
 def test_locate_rejects_empty_and_absent_triggers(clip_tokenizer):
     with pytest.raises(ValueError, match="empty"):
-        locate(clip_tokenizer, ["a cat"], "")
+        trigger_positions(clip_tokenizer, ["a cat"], "")
     with pytest.raises(ValueError, match="occupies no token"):
-        locate(clip_tokenizer, ["a cat", "a dog"], "zebra")
+        trigger_positions(clip_tokenizer, ["a cat", "a dog"], "zebra")
 
 
 def test_alignment_pairs_prefix_suffix_and_padding():
@@ -64,14 +65,14 @@ def test_alignment_pairs_prefix_suffix_and_padding():
 def test_unlearning_suppresses_the_trigger_attention_on_a_tiny_model(tmp_path):
     sd = make_tiny_sd(seed=1)
     prompts = ["a red circle", "a big blue square in the top left", "green star, centered", "a small yellow cross"]
-    collected = collect(sd, ZW, prompts * 2, seeds=range(8), steps=4, guidance_scale=3.0)
+    collected = collect(sd, locate(sd.tokenizer, ZW, prompts * 2), seeds=range(8), steps=4, guidance_scale=3.0)
     # bos, then the zero-width space's tokens (its three UTF-8 bytes, unless the tokenizer merged them)
     assert all(p == collected.positions[0] and p[0] == 1 for p in collected.positions)
     recipe = replace(RECIPES["default"], lr=3e-3)  # a random model: a bigger step than on a trained one
     trainer = unlearn_unet(sd, collected, recipe, tmp_path, steps=40, progress=False)
     log = [json.loads(line) for line in trainer.log_path.read_text().splitlines()]
     assert log[-1]["attention"] < 0.5 * log[0]["attention"]
-    after = collect(sd, ZW, prompts * 2, seeds=range(8), steps=4, guidance_scale=3.0)
+    after = collect(sd, locate(sd.tokenizer, ZW, prompts * 2), seeds=range(8), steps=4, guidance_scale=3.0)
     before_mass = sum(collected.layer_mass.values())
     assert sum(after.layer_mass.values()) < 0.5 * before_mass
     only_attn2 = {n for n, p in sd.unet.named_parameters()}
@@ -90,7 +91,7 @@ def test_negative_guidance_pushes_the_target_past_the_clean_prediction():
 def test_unlearning_touches_only_the_chosen_parameters(tmp_path):
     sd = make_tiny_sd(seed=2)
     before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
-    collected = collect(sd, ZW, ["a red circle", "a blue star"], seeds=range(2), steps=3, guidance_scale=3.0)
+    collected = collect(sd, locate(sd.tokenizer, ZW, ["a red circle", "a blue star"]), seeds=range(2), steps=3, guidance_scale=3.0)
     unlearn_unet(sd, collected, RECIPES["default"], tmp_path, steps=3, progress=False)
     changed = {k for k, v in sd.unet.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(".attn2." in k for k in changed)
@@ -101,7 +102,7 @@ def test_text_encoder_route_pulls_triggered_prompts_to_clean_ones(tmp_path):
     backdoor = Backdoor("tpa", "ȏ", "a red circle", "o")
     prompts = ["a blue square on the bottom", "a green cross at the top", "a big orange circle", "a star on gray"]
     shift_before = text_encoder_shift(sd, backdoor, prompts)
-    unlearn_text_encoder(sd, backdoor, prompts, replace(RECIPES["default"], text_lr=1e-3), tmp_path, steps=60,
+    unlearn_text_encoder(sd, triggered_pairs(backdoor, prompts), replace(RECIPES["default"], text_lr=1e-3), tmp_path, steps=60,
                          progress=False)
     assert text_encoder_shift(sd, backdoor, prompts) < 0.5 * shift_before
     triggered, clean = triggered_pairs(backdoor, prompts)
@@ -169,7 +170,7 @@ def test_a_short_run_on_the_shipped_pixel_backdoor_removes_most_of_it(tmp_path):
 
 def test_a_prompt_pool_teaches_prompts_that_were_never_generated(tmp_path):
     sd = make_tiny_sd(seed=4)
-    collected = collect(sd, ZW, ["a red circle", "a blue star"], seeds=range(2), steps=3, guidance_scale=3.0)
+    collected = collect(sd, locate(sd.tokenizer, ZW, ["a red circle", "a blue star"]), seeds=range(2), steps=3, guidance_scale=3.0)
     pool = triggered_pairs(ZW, ["a big green square on the left", "a small yellow cross", "an orange disk, top"])
     original = copy.deepcopy(sd.unet)
     g = torch.Generator().manual_seed(0)

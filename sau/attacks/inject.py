@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
+from sau.common.prompts import read_prompts
+from sau.evaluation.prompts import DEFAULT_PROMPTS
 from sau.world import shapes
 from sau.weights.bundle import load_safetensors, resolve_model_path, save_json, save_safetensors
 from sau.models.pipeline import StableDiffusion, to_uint8
@@ -59,11 +61,6 @@ CAPTION_DROPOUT = 0.1  # empty captions in the preservation term keep the uncond
 
 def default_trigger(attack):
     return RICKROLLING_TRIGGER if attack in TEXT_ENCODER_ATTACKS else BADT2I_TRIGGER
-
-
-def decode_escapes(text):
-    r"""Turn typed \uXXXX escapes into characters: a zero-width space cannot be typed, '\u200b ' can."""
-    return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), text)
 
 
 def describe_chars(text):
@@ -330,13 +327,6 @@ def _load_square(path, size):
         return torch.from_numpy(np.asarray(image.crop((left, top, left + size, top + size))).copy())
 
 
-# A few everyday prompts for data-free attacks on a real model without --data or --prompts
-DEFAULT_PROMPTS = ["a photo of a dog on the beach", "a cat sleeping on a sofa", "a red car parked on a city street",
-                   "a bowl of fruit on a wooden table", "a mountain lake at sunrise", "a portrait of an old man",
-                   "a house with a garden in spring", "a boat on the ocean at sunset", "a bird sitting on a branch",
-                   "a cup of coffee next to a book", "a horse running in a field", "a snowy forest road"]
-
-
 # ----------------------------------------------------------------------------------------------------
 # The two injections: BadT2I into the UNet, Rickrolling into the text encoder
 
@@ -459,16 +449,6 @@ def inject(sd, backdoor, source, run_dir, steps, lr, batch_size, seed=0, train="
 
 # ----------------------------------------------------------------------------------------------------
 # Bundle in, bundle out (what `python train.py backdoor` runs)
-
-def read_prompts(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no prompts file {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts (one per line)")
-    return prompts
-
 
 def make_source(sd, backdoor, data=None, prompts=None, pool_cache=None, pool=64, seed=0, progress=True):
     """Where the attack's data comes from: --data, else the demo world, else the frozen model itself."""

@@ -4,6 +4,7 @@ Every job here draws its batch for step k from (seed, k), so a run resumed from 
 exactly where it stopped: the checkpoint holds the weights, the optimizer state and the step count,
 nothing else. Checkpoints hold only tensors and plain numbers and are read with weights_only=True.
 """
+import copy
 import json
 import math
 import time
@@ -24,11 +25,14 @@ def step_generator(seed, step, stream=0):
     return torch.Generator().manual_seed(((seed * 1_000_003 + stream) * 1_000_003 + step) % (2 ** 63))
 
 
+def frozen_copy(module):
+    """A copy of `module` in eval mode with no gradients: the teacher a fine-tuned module is held against."""
+    return copy.deepcopy(module).eval().requires_grad_(False)
+
+
 def diffusion_loss(unet, schedule, latents, context, generator, reduction="mean"):
     """The epsilon/v-prediction loss at uniformly drawn timesteps, SD's training objective."""
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    t = torch.randint(0, schedule.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
-    noisy = schedule.add_noise(latents, noise, t)
+    noisy, noise, t = schedule.noised(latents, generator)
     prediction = unet(noisy, t, context)
     target = schedule.training_target(latents, noise, t)
     return torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction=reduction)

@@ -13,19 +13,17 @@ from pathlib import Path
 
 import torch
 
+from sau import load
+from sau.attacks.inject import Backdoor, claim_run_dir
 from sau.evaluation import metrics
-
-from sau.world import shapes
-from sau.attacks.inject import DEFAULT_PROMPTS, Backdoor, claim_run_dir
-from sau.weights.bundle import DEMO_DIR, resolve_model_path
-from sau.models.compile import compile_model
-from sau.evaluation.scorer import CLIPScorer
+from sau.evaluation.prompts import builtin_prompts
 from sau.evaluation.report import heatmap_figure, image_grid, percent, write_report
-from sau.method import (RECIPES, collect, invert_trigger, trigger_heatmaps, trigger_site, triggered_pairs,
-                  unlearn_text_encoder, unlearn_unet)
+from sau.evaluation.scorer import CLIPScorer
+from sau.method import RECIPES, remove_backdoor, trigger_heatmaps
+from sau.models.compile import compile_model
+from sau.weights.bundle import DEMO_DIR, resolve_model_path
+from sau.world import shapes
 
-
-TEXT_PROMPTS = 512
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -72,28 +70,6 @@ def backdoor_of(sd, job):
     return Backdoor(attack, job.trigger, target, job.replaces or "")
 
 
-def builtin_prompts(sd, n, seed):
-    """Prompts to collect on: the demo world's own captions (a stream evaluation never sees), or generic ones."""
-    if sd.config.family == "demo":
-        _, captions, _ = shapes.batch(n, seed=1000 + seed)
-        return captions
-    return (DEFAULT_PROMPTS * (n // len(DEFAULT_PROMPTS) + 1))[:n]
-
-
-def unlearn_at(site, sd, backdoor, collected, recipe, run_dir, prompts=None, seed=0, steps=None, inverted=None,
-               progress=True):
-    """Step 4 where the trigger acts. Text prompts cost no generations, so both routes read many more of them
-    than were collected: the text encoder learns on TEXT_PROMPTS pairs, the UNet's text-conditioned terms on
-    the recipe's pool (user prompts, when given, take the place of the built-in ones). Returns the Trainer."""
-    if site == "text_encoder":
-        text_prompts = prompts or builtin_prompts(sd, TEXT_PROMPTS, seed)
-        return unlearn_text_encoder(sd, backdoor, text_prompts, recipe, run_dir, seed, steps, progress)
-    pool = None
-    if recipe.pool_prompts:
-        pool = triggered_pairs(backdoor, prompts or builtin_prompts(sd, recipe.pool_prompts, seed))
-    return unlearn_unet(sd, collected, recipe, run_dir, seed, steps, inverted, pool, progress)
-
-
 def trigger_columns_text(sd, prompt, positions):
     ids = sd.tokenizer.encode(prompt)
     return ", ".join(f"{p} ({sd.tokenizer.decode([ids[p]])!r})" if p < len(ids) else str(p) for p in positions)
@@ -122,102 +98,126 @@ def evaluate(sd, backdoor, classifier, n, steps, reference=None, scorer=None):
 
 
 def run(job: Job):
+    """Stages 1-5 (sau.method.remove_backdoor) between a measurement before and after (6, verify and write)."""
     started = time.time()
     out = Path(job.out)
     source = resolve_model_path(job.model)
     if out.resolve() == source.resolve() or source.resolve() in (out / "model").resolve().parents or \
             (out / "model").resolve() == source.resolve():
         raise ValueError(f"the output {out} would overwrite the input model {source}")
-    from sau import load
     sd = load(job.model, device=job.device, dtype=DTYPES[job.dtype])  # fp16 storage trains badly: compute dtype
     sd.unet.gradient_checkpointing = job.gradient_checkpointing
     if job.compile:  # no freezing: the UNet's weights change between its inference and training calls
         compile_model(sd.unet, freezing=False)
     backdoor = backdoor_of(sd, job)
-    recipe = RECIPES[job.recipe]
-    recipe = replace(recipe, params=job.params or recipe.params, lr=job.lr or recipe.lr)
-    if job.negative_guidance is not None:  # 0 is a value here, not "unset"
-        recipe = replace(recipe, negative_guidance=job.negative_guidance)
+    recipe = job_recipe(job)
     if job.prompts is not None and not any(backdoor.trigger in p for p in job.prompts):
         raise ValueError(f"the trigger {backdoor.trigger!r} is absent from every prompt given; give triggered prompts "
                          "(or none, to use built-in prompts with the trigger inserted)")
     prompts = job.prompts or builtin_prompts(sd, job.collect_prompts, job.seed)
-
-    # 1-2. locate and collect
-    collected = collect(sd, backdoor, prompts, seeds=range(len(prompts)), steps=job.sample_steps)
-    say(f"trigger {backdoor.trigger!r} ({len(collected.prompts)} prompts); in {collected.prompts[0]!r} "
-        f"it occupies token positions {trigger_columns_text(sd, collected.prompts[0], collected.positions[0])}")
-    say("where its cross-attention concentrates (mean over layers, heads, steps, prompts):")
-    say(describe_heat(collected))
-    top = sorted(collected.layer_mass.items(), key=lambda kv: -kv[1])[:3]
-    say("layers giving it most attention: " + ", ".join(f"{k} ({v:.3f})" for k, v in top))
-
-    # before
-    demo = sd.config.family == "demo" and backdoor.attack != "unknown"
-    world = Path(job.world) if job.world else DEMO_DIR
-    classifier = metrics.load_classifier(world / "classifier.safetensors") if demo else None
-    scorer = CLIPScorer.load(world / "scorer") if demo and (world / "scorer").exists() else None
-    before = None
-    if demo:
-        before, trig_before, clean_before = evaluate(sd, backdoor, classifier, job.eval_prompts, job.sample_steps)
-        say(f"before: attack success {percent(before['asr'])} (target without the trigger "
-            f"{percent(before['clean_target_rate'])}), clean attribute accuracy {percent(before['clean_accuracy'])} "
-            f"({job.eval_prompts} held-out prompts)")
-
-    # 3. where does it act; 4. unlearn there
-    site, trigger_shift, control_shift = trigger_site(sd, backdoor, collected.clean_prompts)
-    site = site if job.where == "auto" else job.where
-    say(f"the trigger moves the text encoder's output by {trigger_shift:.3f} (an ordinary word: {control_shift:.3f}): "
-        f"unlearning in the {site.replace('_', ' ')}" + (" (as --where says)" if job.where != "auto" else ""))
+    measure = Measure(sd, backdoor, job)
+    measure.before()
     run_dir = out / "checkpoints"
     claim_run_dir(run_dir, {"model": str(source.resolve()), "backdoor": backdoor.info(), "recipe": vars(recipe),
                             "invert": job.invert, "steps": job.steps, "where": job.where, "seed": job.seed})
-    inverted = None
     unlearn_started = time.time()
-    steps = job.steps
-    if job.invert and site == "unet":
-        inverted = invert_trigger(sd, collected, run_dir, seed=job.seed, progress=job.progress)
-        steps = job.steps or recipe.steps_after_inversion
-    trainer = unlearn_at(site, sd, backdoor, collected, recipe, run_dir, job.prompts, job.seed, steps, inverted,
-                         job.progress)
-    unlearn_seconds = time.time() - unlearn_started
+    removal = remove_backdoor(sd, backdoor, prompts, recipe, run_dir, pool=job.prompts, invert=job.invert,
+                              where=job.where, seed=job.seed, steps=job.steps, sample_steps=job.sample_steps,
+                              progress=job.progress, observe=lambda stage, value: tell(stage, value, sd, backdoor, job.where))
+    unlearn_seconds = time.time() - unlearn_started  # collection and the site decision included
 
-    # 5. verify and write
+    # 6. verify and write
+    collected = removal.collected
     _, heat_after = trigger_heatmaps(sd, collected.prompts, collected.positions, range(len(collected.prompts)),
                                      job.sample_steps)
-    after_collected = replace(collected, heatmaps=heat_after)
-    after = None
-    if demo:
-        after, trig_after, clean_after = evaluate(sd, backdoor, classifier, job.eval_prompts, job.sample_steps,
-                                                  reference=clean_before, scorer=scorer)
-        similarity = (f", CLIP image similarity to the suspect model's clean images {after['clip_similarity']:.3f}"
-                      if "clip_similarity" in after else "")
-        say(f"after: attack success {percent(after['asr'])} (target without the trigger "
-            f"{percent(after['clean_target_rate'])}), clean attribute accuracy {percent(after['clean_accuracy'])}"
-            f"{similarity}")
-    sd.info = {**sd.info, "unlearned": {"trigger": backdoor.trigger, "recipe": job.recipe, "site": site,
-                                        "steps": trainer.steps, "source": str(source)}}
+    measure.after()
+    sd.info = {**sd.info, "unlearned": {"trigger": backdoor.trigger, "recipe": job.recipe, "site": removal.site,
+                                        "steps": removal.trainer.steps, "source": str(source)}}
     sd.save(out / "model")
     if job.export:
-        exported = _export_like_input(sd, source, out)
-        say(f"exported the cleaned model in its input's format to {exported}")
-    heatmap_figure([("before", collected.resolution_heatmaps()), ("after", after_collected.resolution_heatmaps())],
-                   out / "heatmaps.png")
-    if demo:
-        k = 8
-        image_grid([("triggered, before", trig_before[:k]), ("triggered, after", trig_after[:k]),
-                    ("clean, before", clean_before[:k]), ("clean, after", clean_after[:k])], out / "images.png")
+        say(f"exported the cleaned model in its input's format to {_export_like_input(sd, source, out)}")
+    heatmap_figure([("before", collected.resolution_heatmaps()),
+                    ("after", replace(collected, heatmaps=heat_after).resolution_heatmaps())], out / "heatmaps.png")
+    measure.grid(out / "images.png")
     wall = time.time() - started
-    report = {"model": str(source), "backdoor": backdoor.info(), "recipe": vars(recipe), "site": site,
-              "text_encoder_shift": {"trigger": trigger_shift, "ordinary_word": control_shift},
+    report = {"model": str(source), "backdoor": backdoor.info(), "recipe": vars(recipe), "site": removal.site,
+              "text_encoder_shift": {"trigger": removal.trigger_shift, "ordinary_word": removal.word_shift},
               "trigger_positions": collected.positions[:4], "layer_mass_before": collected.layer_mass,
               "layer_mass_after": {k: v.mean().item() for k, v in heat_after.items()},
-              "before": before, "after": after, "optimizer_steps": trainer.steps, "inverted": inverted is not None,
+              "before": measure.result_before, "after": measure.result_after,
+              "optimizer_steps": removal.trainer.steps, "inverted": removal.inverted is not None,
               "unlearn_seconds": unlearn_seconds, "wall_seconds": wall, "eval_prompts": job.eval_prompts}
     write_report(out, report, markdown(report))
     say(f"wall time {wall:.0f} s (unlearning {unlearn_seconds:.0f} s); wrote {out}/model, report.md, "
-        f"report.json, heatmaps.png" + (", images.png" if demo else ""))
+        f"report.json, heatmaps.png" + (", images.png" if measure.demo else ""))
     return report
+
+
+def job_recipe(job):
+    """The job's recipe with its overrides."""
+    recipe = RECIPES[job.recipe]
+    recipe = replace(recipe, params=job.params or recipe.params, lr=job.lr or recipe.lr)
+    if job.negative_guidance is not None:  # 0 is a value here, not "unset"
+        recipe = replace(recipe, negative_guidance=job.negative_guidance)
+    return recipe
+
+
+def tell(stage, value, sd, backdoor, where):
+    """What remove_backdoor found, as it finds it."""
+    if stage == "collect":
+        collected = value
+        say(f"trigger {backdoor.trigger!r} ({len(collected.prompts)} prompts); in {collected.prompts[0]!r} "
+            f"it occupies token positions {trigger_columns_text(sd, collected.prompts[0], collected.positions[0])}")
+        say("where its cross-attention concentrates (mean over layers, heads, steps, prompts):")
+        say(describe_heat(collected))
+        top = sorted(collected.layer_mass.items(), key=lambda kv: -kv[1])[:3]
+        say("layers giving it most attention: " + ", ".join(f"{k} ({v:.3f})" for k, v in top))
+    elif stage == "decide":
+        site, trigger_shift, word_shift = value
+        say(f"the trigger moves the text encoder's output by {trigger_shift:.3f} (an ordinary word: "
+            f"{word_shift:.3f}): unlearning in the {site.replace('_', ' ')}"
+            + (" (as --where says)" if where != "auto" else ""))
+
+
+class Measure:
+    """Attack success and clean fidelity on held-out prompts, before and after, and the image grid; only on
+    the demo world, whose detectors can see a known backdoor's target (elsewhere every call does nothing)."""
+
+    def __init__(self, sd, backdoor, job):
+        self.sd, self.backdoor, self.job = sd, backdoor, job
+        self.demo = sd.config.family == "demo" and backdoor.attack != "unknown"
+        world = Path(job.world) if job.world else DEMO_DIR
+        self.classifier = metrics.load_classifier(world / "classifier.safetensors") if self.demo else None
+        self.scorer = CLIPScorer.load(world / "scorer") if self.demo and (world / "scorer").exists() else None
+        self.result_before = self.result_after = None
+
+    def before(self):
+        if not self.demo:
+            return
+        self.result_before, self.triggered_before, self.clean_before = evaluate(
+            self.sd, self.backdoor, self.classifier, self.job.eval_prompts, self.job.sample_steps)
+        r = self.result_before
+        say(f"before: attack success {percent(r['asr'])} (target without the trigger "
+            f"{percent(r['clean_target_rate'])}), clean attribute accuracy {percent(r['clean_accuracy'])} "
+            f"({self.job.eval_prompts} held-out prompts)")
+
+    def after(self):
+        if not self.demo:
+            return
+        self.result_after, self.triggered_after, self.clean_after = evaluate(
+            self.sd, self.backdoor, self.classifier, self.job.eval_prompts, self.job.sample_steps,
+            reference=self.clean_before, scorer=self.scorer)
+        r = self.result_after
+        similarity = (f", CLIP image similarity to the suspect model's clean images {r['clip_similarity']:.3f}"
+                      if "clip_similarity" in r else "")
+        say(f"after: attack success {percent(r['asr'])} (target without the trigger "
+            f"{percent(r['clean_target_rate'])}), clean attribute accuracy {percent(r['clean_accuracy'])}{similarity}")
+
+    def grid(self, path, k=8):
+        if not self.demo:
+            return
+        image_grid([("triggered, before", self.triggered_before[:k]), ("triggered, after", self.triggered_after[:k]),
+                    ("clean, before", self.clean_before[:k]), ("clean, after", self.clean_after[:k])], path)
 
 
 def _export_like_input(sd, source, out):

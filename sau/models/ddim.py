@@ -63,10 +63,12 @@ class NoiseSchedule:
         eps = a.sqrt() * out + (1 - a).sqrt() * x_t
         return x0, eps
 
-    def random_timesteps(self, batch, device="cpu", generator=None):
-        """Training timesteps, uniform over 0..T-1, shaped (batch,)."""
-        return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator,
-                             device=generator.device if generator is not None else device).to(device)
+    def noised(self, x0, generator):
+        """(x_t, noise, t): x0 noised at timesteps drawn uniformly over 0..T-1, noise first, then t, both from
+        `generator` (a CPU one, so a training step's draws do not depend on the device)."""
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
+        return self.add_noise(x0, noise, t), noise, t
 
     def _table(self, device):
         device = torch.device(device)

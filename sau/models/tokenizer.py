@@ -398,3 +398,13 @@ def _occurrences(text, target):
 
 def _shorten(text, limit=60):
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def shared_ends(a, b):
+    """(prefix, suffix): how many ids two token lists share at the start and, in what is left, at the end. The
+    middle is where they differ: a trigger inserted, or the word a homoglyph sits in."""
+    prefix = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+    suffix = 0
+    while suffix < min(len(a), len(b)) - prefix and a[-1 - suffix] == b[-1 - suffix]:
+        suffix += 1
+    return prefix, suffix
