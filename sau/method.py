@@ -37,6 +37,7 @@ latent representation), what is reconstructed from the authors' public prototype
 is this project's (the `default` recipe, the text-encoder route, the spatial mask, the pool, eta) is set out
 in docs/method.md.
 """
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -88,6 +89,7 @@ class Removal:
     trigger_shift: float  # how far the trigger moves the text encoder's output (stage 3)
     word_shift: float  # how far an ordinary word moves it
     trainer: Trainer
+    seconds: float  # stages 4 and 5
     inverted: torch.Tensor = None  # the inverted trigger embeddings (stage 4), if any
 
 
@@ -105,7 +107,7 @@ def remove_backdoor(sd, backdoor, prompts, recipe, run_dir, pool=None, collected
     site, trigger_shift, word_shift = decide(sd, backdoor, collected.clean_prompts)          # 3. decide
     site = site if where == "auto" else where
     observe("decide", (site, trigger_shift, word_shift))
-    inverted = None
+    inverted, started = None, time.time()
     if invert and site == "unet":                                                            # 4. invert
         inverted = invert_trigger(sd, collected, run_dir, seed=seed, progress=progress)
         steps = steps or recipe.steps_after_inversion
@@ -116,7 +118,7 @@ def remove_backdoor(sd, backdoor, prompts, recipe, run_dir, pool=None, collected
         pairs = triggered_pairs(backdoor, pool or builtin_prompts(sd, recipe.pool_prompts, seed)) \
             if recipe.pool_prompts else None
         trainer = unlearn_unet(sd, collected, recipe, run_dir, seed, steps, inverted, pairs, progress)
-    return Removal(collected, site, trigger_shift, word_shift, trainer, inverted)
+    return Removal(collected, site, trigger_shift, word_shift, trainer, time.time() - started, inverted)
 
 
 # --- 1. locate ----------------------------------------------------------------------------------------------
@@ -367,7 +369,7 @@ def unlearn_unet(sd, collected, recipe, run_dir, seed=0, steps=None, inverted=No
     def loss_fn(step):
         batch = sample_batch(data, sd.schedule, recipe.batch_size, step_generator(seed, step))
         eps_triggered, l_attn = predict_with_attention(unet, batch, masks)
-        loss, logs = recipe.attention_weight * l_attn, {"attention": float(l_attn)}
+        loss, logs = recipe.attention_weight * l_attn, {"attention": l_attn.item() if torch.is_tensor(l_attn) else 0.0}
         if recipe.distill_weight or recipe.preserve_weight:
             with torch.no_grad():
                 eps_clean_c = teacher(batch.x_c, batch.t_c, batch.pool_clean)  # shared by both terms

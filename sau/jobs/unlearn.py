@@ -11,10 +11,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 from sau import load
 from sau.attacks.inject import Backdoor, claim_run_dir
+from sau.common.cli import DTYPES
 from sau.evaluation import metrics
 from sau.evaluation.prompts import builtin_prompts
 from sau.evaluation.report import heatmap_figure, image_grid, percent, write_report
@@ -23,8 +22,6 @@ from sau.method import RECIPES, remove_backdoor, trigger_heatmaps
 from sau.models.compile import compile_model
 from sau.weights.bundle import DEMO_DIR, resolve_model_path
 from sau.world import shapes
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -120,11 +117,10 @@ def run(job: Job):
     run_dir = out / "checkpoints"
     claim_run_dir(run_dir, {"model": str(source.resolve()), "backdoor": backdoor.info(), "recipe": vars(recipe),
                             "invert": job.invert, "steps": job.steps, "where": job.where, "seed": job.seed})
-    unlearn_started = time.time()
     removal = remove_backdoor(sd, backdoor, prompts, recipe, run_dir, pool=job.prompts, invert=job.invert,
                               where=job.where, seed=job.seed, steps=job.steps, sample_steps=job.sample_steps,
                               progress=job.progress, observe=lambda stage, value: tell(stage, value, sd, backdoor, job.where))
-    unlearn_seconds = time.time() - unlearn_started  # collection and the site decision included
+    unlearn_seconds = removal.seconds
 
     # 6. verify and write
     collected = removal.collected
