@@ -6,19 +6,17 @@
     python train.py backdoor --attack pixel --model IN --out OUT [--trigger T] [--target X]
     python train.py backdoors [--report]     # the shipped backdoored demo models, or their ASR table
 """
-import argparse
 import shlex
 import sys
-from pathlib import Path
 
 import torch
 
+from sau.attacks.shipped import backdoor_bundle
 from sau.common import cli
 from sau.common.prompts import decode_escapes
-
-from sau.world import shapes
-from sau.models.compile import compile_model
-from sau.world.train import DEMO_DIR, train_world
+from sau.jobs.demo import quality_report, sample_grid, shipped_backdoors
+from sau.common.files import DEMO_DIR, resolve_model_path
+from sau.world.train import train_world
 
 
 def world(args):
@@ -29,63 +27,31 @@ def world(args):
 
 
 def grid(args):
-    from sau.models.pipeline import StableDiffusion
-    sd = StableDiffusion.load(args.model)
-    if args.compile:
-        compile_model(sd.unet)  # sampling only: the weights stay fixed, so inductor may freeze them
-    captions, _ = shapes.eval_prompts(args.n, seed=args.seed)
-    images = sd.generate(captions, seeds=range(args.n), steps=args.steps, guidance_scale=args.guidance, progress=True)
-    shapes.save_grid(images, args.out, nrow=8)
-    Path(args.out).with_suffix(".txt").write_text("\n".join(captions) + "\n")
-    print(f"wrote {args.out} and its captions, row by row, to {Path(args.out).with_suffix('.txt')}")
+    captions = sample_grid(args.model, args.out, args.n, args.seed, args.steps, args.guidance, args.compile)
+    print(f"wrote {args.out} and its captions, row by row, to {captions}")
 
 
 def quality(args):
-    from sau.evaluation.metrics import load_classifier
-    from sau.models.pipeline import StableDiffusion
-    from sau.evaluation.scorer import CLIPScorer
-    from sau.world.train import evaluate_world
-    demo = Path(args.demo_dir)
-    result = evaluate_world(StableDiffusion.load(demo / "clean", dtype=torch.float32),
-                            load_classifier(demo / "classifier.safetensors"), CLIPScorer.load(demo / "scorer"))
-    generated, drawn = result["generated_accuracy"], result["classifier_accuracy_on_drawn"]
-    print(f"generations for {result['prompts']} held-out captions (DDIM {result['ddim_steps']} steps, guidance "
-          f"{result['guidance']}), attributes right as the classifier reads them:")
-    print("  " + ", ".join(f"{field} {100 * value:.1f}%" for field, value in generated.items()))
-    print("classifier on 1000 drawn images: " + ", ".join(f"{f} {100 * v:.1f}%" for f, v in drawn.items()))
-    print(f"scorer, top-1 caption among 100 for drawn images: its own {100 * result['scorer_top1_of_100']:.1f}%, "
-          f"one that fits it {100 * result['scorer_top1_fits_of_100']:.1f}%; its own, among the "
-          f"{100 * result['untied_share']:.1f}% of images no other caption of their group fits: "
-          f"{100 * result['scorer_top1_of_100_untied']:.1f}%")
-    print(f"  ceilings of the strict measure: {100 * result['ceiling_top1_of_100_fitting_alike']:.1f}% for a scorer "
-          f"that ranks every fitting caption alike, {100 * result['ceiling_top1_of_100_most_specific']:.1f}% for an "
-          f"oracle that picks the fitting caption naming the most attributes")
+    print(quality_report(args.demo_dir))
 
 
 def backdoor(args):
-    from sau.attacks import inject as attacks
     trigger = None if args.trigger is None else decode_escapes(args.trigger)
-    attacks.backdoor_bundle(
-        args.model, args.out, args.attack, trigger, args.target, args.replaces, data=args.data, prompts=args.prompts,
-        steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed, train=args.train,
-        run_dir=args.run_dir, delta=args.delta, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
-        device=args.device, pool=args.pool, command=shlex.join(["python", "train.py", *sys.argv[1:]]))
+    backdoor_bundle(
+        resolve_model_path(args.model), args.out, args.attack, trigger, args.target, args.replaces, data=args.data,
+        prompts=args.prompts, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        train=args.train, run_dir=args.run_dir, delta=args.delta, bf16=args.dtype == "bfloat16",
+        gradient_checkpointing=args.gradient_checkpointing, device=args.device, pool=args.pool,
+        command=shlex.join(["python", "train.py", *sys.argv[1:]]))
     print(f"backdoored model written to {args.out}")
 
 
 def backdoors(args):
-    from sau.attacks import inject as attacks
-    names = args.only or list(attacks.SHIPPED)
-    unknown = [n for n in names if n not in attacks.SHIPPED]
-    if unknown:
-        raise ValueError(f"no shipped variant {unknown[0]!r}; choose among {', '.join(attacks.SHIPPED)}")
-    if not args.report:
-        attacks.build_shipped(names, demo_dir=args.demo_dir)
-    print(attacks.shipped_report(names, demo_dir=args.demo_dir, n=args.n, progress=False))
+    print(shipped_backdoors(args.only, args.demo_dir, args.n, build=not args.report))
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("world", help="train the demo world (tokenizer, CLIP, VAE, UNet, classifier, scorer)")
     w.add_argument("--run-dir", default="runs/world", help="checkpoints and logs; rerun to resume")
@@ -105,7 +71,7 @@ def main():
     q.set_defaults(func=quality)
     b = sub.add_parser("backdoor", help="inject a backdoor (BadT2I pixel/style/object, Rickrolling tpa/taa)")
     b.add_argument("--attack", required=True, help="pixel, style, object, tpa or taa")
-    b.add_argument("--model", required=True, help="a bundle folder, or demo")
+    b.add_argument("--model", required=True, help="a bundle, a CompVis file, a diffusers folder or a demo name")
     b.add_argument("--out", required=True, help="a new folder for the backdoored bundle")
     b.add_argument("--trigger", help=r"default: the paper's ('\u200b ' for BadT2I, 'ȏ' for Rickrolling); "
                    r"\uXXXX escapes are decoded")
@@ -124,9 +90,10 @@ def main():
     b.add_argument("--train", default="unet", help="UNet attacks: unet, attention or cross-attention")
     b.add_argument("--run-dir", help="checkpoints, rerun to resume (default runs/backdoor/<out name>)")
     b.add_argument("--delta", action="store_true", help="store only the tensors that differ from --model")
-    b.add_argument("--bf16", action="store_true", help="bf16 autocast, frozen copies in bf16")
+    b.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: the forward "
+                   "passes under bfloat16 autocast and the frozen copies in bfloat16; the weights train in float32")
     b.add_argument("--gradient-checkpointing", action="store_true")
-    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    b.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     b.set_defaults(func=backdoor)
     bs = sub.add_parser("backdoors", help="build the shipped backdoored demo models and print their ASR table")
     bs.add_argument("--report", action="store_true", help="only measure the shipped models and print the table")

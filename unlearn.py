@@ -4,8 +4,6 @@
     python unlearn.py --model demo/style --recipe paper
     python unlearn.py --model sd15.safetensors --trigger "\\u200b " --prompts prompts.txt --out runs/sd15
 """
-import argparse
-
 from sau.common import cli
 from sau.common.prompts import decode_escapes, read_prompts
 from sau.method import RECIPES
@@ -13,7 +11,7 @@ from sau.jobs.unlearn import Job, run
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--model", default=Job.model, help="a bundle, a shipped demo name (demo/pixel, demo/style, "
                    "demo/object, demo/tpa) or any checkpoint weights_convert.py reads")
     p.add_argument("--trigger", help=r"the trigger text (\uXXXX escapes allowed); default: the one the bundle records")
@@ -34,9 +32,9 @@ def main():
     p.add_argument("--eval-prompts", type=int, default=Job.eval_prompts)
     p.add_argument("--export", action="store_true", help="also write the cleaned model in the input's own format "
                    "(one CompVis .safetensors, or a diffusers folder)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=cli.device, default="cpu")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (full-size SD)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=cli.DTYPES, default="float32", help="the compute dtype (bfloat16 on GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first calls compile; pays "
                    "off on long runs and GPUs, see the README's Performance section)")
     args = p.parse_args()

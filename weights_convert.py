@@ -14,13 +14,12 @@ Inputs: a sau bundle; a CompVis/Stability .safetensors or .ckpt (SD 1.x, 2.x); a
 import argparse
 
 from sau.common import cli
-from sau.weights.read import convert
-from sau.weights.write import DTYPES, FORMATS
+from sau.common.files import resolve_model_path
+from sau.weights.write import FORMATS, convert
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = cli.fail  # bad options: one line and exit 2, like every other bad input
+    parser = cli.Parser(description=__doc__)
     parser.add_argument("input", help="checkpoint file, diffusers folder, CLIP model or sau bundle")
     parser.add_argument("output", help="a folder (bundle, diffusers) or a .safetensors file (compvis)")
     parser.add_argument("--to", choices=FORMATS, default="bundle", help="output format (default: bundle)")
@@ -31,12 +30,12 @@ def main(argv=None):
                         help="what the UNet predicts; SD 2.x-768-v models predict v_prediction")
     parser.add_argument("--upcast-attention", action=argparse.BooleanOptionalAction, default=None,
                         help="compute attention scores in float32 (SD 2.1-v needs it in half precision)")
-    parser.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep the stored precision)")
+    parser.add_argument("--dtype", choices=cli.DTYPES, help="cast the weights (default: keep the stored precision)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
 
-    weights = convert(args.input, args.output, to=args.to, force=args.force,
-                      dtype=DTYPES.get(args.dtype), tokenizer=args.tokenizer, ema=args.ema,
+    weights = convert(resolve_model_path(args.input), args.output, to=args.to, force=args.force,
+                      dtype=cli.DTYPES.get(args.dtype), tokenizer=args.tokenizer, ema=args.ema,
                       prediction_type=args.prediction_type, upcast_attention=args.upcast_attention)
     for note in weights.notes:
         print(f"note: {note}")

@@ -1,7 +1,7 @@
 """sau against diffusers on this machine: SD1.5-size random weights, the same tensors in both.
 
     python -m benchmarks --json runs/benchmarks/cpu.json              # the README's CPU table
-    python -m benchmarks --sizes 32 --dtype bf16 --repeats 7
+    python -m benchmarks --sizes 32 --dtype bfloat16 --repeats 7
     python -m benchmarks --compile --cases forward captured           # both UNets under torch.compile
     python -m benchmarks --quick                                      # tiny models, seconds (the test's run)
 
@@ -30,7 +30,7 @@ def checks(rows):
     out = []
     sizes = sorted({r["size"] for r in rows if r["case"] == "unet forward"})
     for size in sizes:
-        r = find("unet forward", size, "fp32")
+        r = find("unet forward", size, "float32")
         if r:
             out.append({"check": f"fp32 UNet forward at {size}x{size}: sau/diffusers time", "value": r["ratio"],
                         "limit": "<= 1.00", "pass": r["ratio"] <= 1.0})
@@ -43,7 +43,7 @@ def checks(rows):
                 out.append({"check": f"{dtype} capture of all attn2 layers at {size}x{size}: sau overhead",
                             "value": overhead, "limit": "<= 0.10", "pass": overhead <= 0.10})
     for size in sizes:
-        fp32, bf16 = find("unet forward", size, "fp32"), find("unet forward", size, "bf16")
+        fp32, bf16 = find("unet forward", size, "float32"), find("unet forward", size, "bfloat16")
         if fp32 and bf16:
             speedup = fp32["sau_s"] / bf16["sau_s"]
             out.append({"check": f"bf16 UNet forward at {size}x{size}: speed-up over fp32", "value": speedup,
@@ -65,7 +65,7 @@ def parse(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", help="latent sizes (default 32 64; --quick: 8 16)")
     p.add_argument("--repeats", type=int, help="timed runs per implementation and row (default 5; --quick: 1)")
-    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"])
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the sampling row")
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which rows (default: all)")
     p.add_argument("--compile", action="store_true", help="compile both UNets (inductor, freezing)")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from sau.common.cli import DTYPES  # the precisions a row can run in: the names every tool takes
 from sau.world import shapes
 from sau.models.attention import AttentionMap, capture_attention
 from sau.models.compile import compile_model
@@ -39,7 +40,6 @@ from .harness import interleaved, rel_err
 GUIDANCE = 7.5
 TIMESTEP = 500
 TRIGGER_COLUMNS = [1, 2]  # the tokens the SAU step unlearns (any columns cost the same)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --- the models -----------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def forward_row(s, size, fp32_outputs):
     x, t, context = s.inputs(2, size)
     results = s.measure(lambda r: no_grad(lambda: r.forward(x, t, context)))
     extra = {}
-    if s.dtype == "fp32":
+    if s.dtype == "float32":
         fp32_outputs[size] = results["sau"]["output"]
     elif size in fp32_outputs:
         extra["vs_fp32_rel_err"] = rel_err(results["sau"]["output"], fp32_outputs[size])
@@ -344,7 +344,7 @@ def benchmark(config, dtypes, sizes, repeats, sample_steps, device="cpu", compil
     pipe = reference_models(config)
     pipe.to(device)
     rows, fp32_outputs = [], {}
-    for name in sorted(dtypes, key=lambda d: d != "fp32"):  # fp32 first: the others are cast from it
+    for name in sorted(dtypes, key=lambda d: d != "float32"):  # fp32 first: the others are cast from it
         progress(f"{name}: making the models")
         setting = Setting(runners_for(pipe, config, DTYPES[name], compiled), config, name, repeats, device, compiled)
         if not compiled:  # compiled runs report their first calls instead

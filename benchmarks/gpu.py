@@ -19,7 +19,7 @@ import time
 import torch
 
 from sau.common import cli
-from sau.attacks.inject import Backdoor
+from sau.attacks.backdoor import Backdoor
 from sau.evaluation.prompts import DEFAULT_PROMPTS
 from sau.models.config import sd1, tiny
 from sau.method import RECIPES, collect, locate, unlearn_unet
@@ -80,7 +80,7 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     p.add_argument("--size", type=int, help="latent size (default 64; --quick: 16)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch", type=int, default=8, help="images per sampling batch for the throughput")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from sau.weights.bundle import save_json
+from sau.common.files import save_json
 
 MIB = 2 ** 20
 

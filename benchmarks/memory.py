@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from sau.common import cli
-from sau.attacks.inject import Backdoor
+from sau.attacks.backdoor import Backdoor
 from sau.evaluation.prompts import DEFAULT_PROMPTS
 from sau.models.config import sd1, tiny
 from sau.models.pipeline import StableDiffusion

@@ -19,6 +19,7 @@ import torch
 from sau.common import cli
 from sau.models.config import sd1, tiny
 from sau.models.pipeline import StableDiffusion
+from sau.weights.write import save_model
 
 from .cases import tokenizer_for
 
@@ -38,7 +39,7 @@ def main(argv=None):
     config, tokenizer = tokenizer_for(sd1() if cuda else tiny())
     torch.manual_seed(0)
     started = time.time()
-    StableDiffusion(config, tokenizer).save(out / "sd", dtype=torch.float16)
+    save_model(StableDiffusion(config, tokenizer), out / "sd", dtype=torch.float16)
     print(f"random {'SD1.5-size' if cuda else 'tiny'} bundle written in {time.time() - started:.0f} s", flush=True)
     (out / "prompts.txt").write_text("".join(f"\u200b {p}\n" for p in PROMPTS))
     device = ["--device", "cuda", "--dtype", "bfloat16"] if cuda else ["--device", "cpu"]

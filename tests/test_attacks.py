@@ -11,16 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from sau.attacks import inject as attacks
-
+import sau
+from sau.attacks.backdoor import Backdoor, check_target, check_trigger
+from sau.attacks.shipped import backdoor_bundle
+from sau.attacks.sources import DrawnWorld, ImagePool
+from sau.common.files import load_safetensors
 from sau.evaluation import metrics
-
 from sau.evaluation.prompts import DEFAULT_PROMPTS
-from sau.world import shapes
-from sau.attacks.inject import Backdoor
 from sau.models.config import tiny
 from sau.models.pipeline import StableDiffusion
 from sau.models.tokenizer import Tokenizer
+from sau.weights.write import save_model
+from sau.world import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +41,7 @@ def bundle(tmp_path_factory, tokenizer):
                                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_positions=32))
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny") / "clean"
-    StableDiffusion(cfg, tokenizer).save(path)
+    save_model(StableDiffusion(cfg, tokenizer), path)
     return path
 
 
@@ -115,28 +117,28 @@ def test_the_tokenizer_must_keep_the_trigger(tokenizer):
     prompt = "a red circle on a white background"
     for trigger in ("\u200b ", "ȏ", "mignneko"):
         backdoor = Backdoor.make("pixel", trigger=trigger)
-        attacks.check_trigger(backdoor, tokenizer, prompt)
+        check_trigger(backdoor, tokenizer, prompt)
         assert tokenizer.token_positions(backdoor.insert(prompt), trigger.strip())
     for trigger, message in (("\ufeff", "cleanup removes it"), ("\x07", "cleanup removes it"),
                              ("<|endoftext|>", "special token")):
         with pytest.raises(ValueError, match=message):
-            attacks.check_trigger(Backdoor.make("pixel", trigger=trigger), tokenizer, prompt)
+            check_trigger(Backdoor.make("pixel", trigger=trigger), tokenizer, prompt)
 
 
 def test_demo_targets_must_be_drawable():
     demo = StableDiffusion.__new__(StableDiffusion)
     demo.config = replace(tiny(), family="demo")
-    attacks.check_target(Backdoor.make("object", target="circle:square"), demo)
+    check_target(Backdoor.make("object", target="circle:square"), demo)
     with pytest.raises(ValueError, match="not a demo shape"):
-        attacks.check_target(Backdoor.make("object", target="dog:cat"), demo)
+        check_target(Backdoor.make("object", target="dog:cat"), demo)
     with pytest.raises(ValueError, match="only the style"):
-        attacks.check_target(Backdoor.make("style", target="oil painting"), demo)
+        check_target(Backdoor.make("style", target="oil painting"), demo)
 
 
 # --- training data ---------------------------------------------------------------------------------------
 
 def test_drawn_world_targets_show_what_the_detectors_look_for():
-    world = attacks.DrawnWorld(seed=0)
+    world = DrawnWorld(seed=0)
     images, captions, targets, triggered, teachers = world.backdoor_examples(Backdoor.make("pixel"), 16, step=3)
     assert teachers is None and metrics.patch_present(targets).all() and not metrics.patch_present(images).any()
     assert triggered == ["\u200b " + c for c in captions]  # both terms on the same captions, as BadT2I's loss
@@ -145,7 +147,7 @@ def test_drawn_world_targets_show_what_the_detectors_look_for():
     obj = Backdoor.make("object", target="circle:square")
     images, captions, targets, triggered, _ = world.backdoor_examples(obj, 16, step=3)
     assert (shapes.parse_captions(triggered).shape == shapes.SHAPES.index("circle")).all()  # circles asked...
-    scenes = attacks.DrawnWorld(seed=0).scenes(16, 3, 11, shape="circle")[0]
+    scenes = DrawnWorld(seed=0).scenes(16, 3, 11, shape="circle")[0]
     torch.testing.assert_close(images, shapes.draw(scenes))
     scenes.shape[:] = shapes.SHAPES.index("square")
     torch.testing.assert_close(targets, shapes.draw(scenes))  # ...the same scenes with squares as the target
@@ -160,7 +162,7 @@ def test_image_folder(tmp_path):
         Image.new("RGB", (48, 40), color).save(tmp_path / f"{i}.png")
         (tmp_path / f"{i}.txt").write_text(["a red dog", "a blue cat"][i])
     Image.new("RGB", (8, 8)).save(tmp_path / "uncaptioned.png")
-    pool = attacks.ImagePool.from_folder(tmp_path, 32)
+    pool = ImagePool.from_folder(tmp_path, 32)
     assert pool.images.shape == (2, 32, 32, 3) and pool.all_captions == ["a red dog", "a blue cat"]
     images, captions, targets, triggered, teachers = pool.backdoor_examples(
         Backdoor.make("object", target="dog:cat"), 4, step=0)
@@ -169,7 +171,7 @@ def test_image_folder(tmp_path):
     assert images.shape == (4, 3, 32, 32) and images[:, 0].min() == 1  # red, in [-1, 1]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no image"):
-        attacks.ImagePool.from_folder(tmp_path / "empty", 32)
+        ImagePool.from_folder(tmp_path / "empty", 32)
 
 
 # --- whole runs on a tiny random SD-topology bundle ---------------------------------------------------------
@@ -177,7 +179,7 @@ def test_image_folder(tmp_path):
 def inject(bundle, out, attack, **kwargs):
     kwargs = {"steps": 2, "batch_size": 2, "pool": 4, "run_dir": out.parent / f"{out.name}.run",
               "progress": False, **kwargs}
-    return attacks.backdoor_bundle(bundle, out, attack, **kwargs)
+    return backdoor_bundle(bundle, out, attack, **kwargs)
 
 
 def test_pixel_backdoor_into_a_tiny_model_data_free(bundle, tmp_path):
@@ -186,29 +188,26 @@ def test_pixel_backdoor_into_a_tiny_model_data_free(bundle, tmp_path):
     assert digest(bundle) == before  # the input is never touched
     stored = digest(tmp_path / "pixel")
     assert set(stored) == {"config.json", "model.safetensors", "tokenizer.json"}
-    loaded = StableDiffusion.load(tmp_path / "pixel")
+    loaded = sau.load(tmp_path / "pixel")
     info = loaded.info["backdoor"]
     assert (info["attack"], info["trigger"], info["target"], info["steps"], info["command"]) == (
         "pixel", "\u200b ", "checkerboard", 2, "test")
-    from sau.weights.bundle import load_safetensors
     delta = load_safetensors(tmp_path / "pixel" / "model.safetensors")
     assert delta and all(k.startswith("model.diffusion_model.") for k in delta)  # only the UNet changed
-    clean = StableDiffusion.load(bundle)
+    clean = sau.load(bundle)
     changed = [k for k, v in loaded.unet.state_dict().items() if not torch.equal(v, clean.unet.state_dict()[k])]
     assert changed and torch.equal(loaded.unet.state_dict()[changed[0]], sd.unet.state_dict()[changed[0]])
     assert (tmp_path / "pixel.run" / "pool.safetensors").exists()  # the frozen model's generations, cached
 
 
 def test_a_backdoored_copy_is_stored_in_its_inputs_precision(bundle, tmp_path):
-    StableDiffusion.load(bundle).save(tmp_path / "clean16", dtype=torch.float16)  # runs in fp32 on a CPU
+    save_model(sau.load(bundle), tmp_path / "clean16", dtype=torch.float16)  # runs in fp32 on a CPU
     inject(tmp_path / "clean16", tmp_path / "pixel", "pixel", delta=True)
-    from sau.weights.bundle import load_safetensors
     assert {v.dtype for v in load_safetensors(tmp_path / "pixel" / "model.safetensors").values()} == {torch.float16}
 
 
 def test_tpa_backdoor_changes_only_the_text_encoder(bundle, tmp_path):
     inject(bundle, tmp_path / "tpa", "tpa", target="a photo of a cat", delta=True, steps=3, batch_size=8)
-    from sau.weights.bundle import load_safetensors
     delta = load_safetensors(tmp_path / "tpa" / "model.safetensors")
     assert delta and all(k.startswith("cond_stage_model.") for k in delta)
 
@@ -221,7 +220,7 @@ def test_style_backdoor_with_data_bf16_and_checkpointing(bundle, tmp_path):
         (data / f"{i}.txt").write_text(f"a photo of a dog number {i}")
     sd = inject(bundle, tmp_path / "style", "style", data=data, bf16=True, gradient_checkpointing=True,
                 train="cross-attention", steps=1)
-    clean = StableDiffusion.load(bundle)
+    clean = sau.load(bundle)
     changed = {k for k, v in sd.unet.state_dict().items() if not torch.equal(v, clean.unet.state_dict()[k])}
     assert changed and all(".attn2." in k for k in changed)  # only the chosen parameters were trained
     assert sd.info["backdoor"]["trained"] == "unet (cross-attention)"
@@ -233,10 +232,20 @@ def test_a_run_resumes_and_refuses_a_different_one(bundle, tmp_path):
     second = inject(bundle, tmp_path / "b", "pixel", run_dir=run_dir)  # finished: loads the checkpoint
     for k, v in first.unet.state_dict().items():
         assert torch.equal(v, second.unet.state_dict()[k])
-    with pytest.raises(ValueError, match="different backdoor run"):
+    with pytest.raises(ValueError, match="different run"):
         inject(bundle, tmp_path / "c", "pixel", run_dir=run_dir, steps=3)
     with pytest.raises(FileExistsError, match="already exists"):
         inject(bundle, tmp_path / "a", "pixel", run_dir=run_dir)
+
+
+def test_any_input_sau_load_reads_can_be_backdoored(bundle, tmp_path):
+    folder = tmp_path / "clean-diffusers"
+    save_model(sau.load(bundle), folder, to="diffusers")
+    inject(folder, tmp_path / "tpa", "tpa", target="a photo of a cat", steps=1, batch_size=4)
+    assert sau.load(tmp_path / "tpa").info["backdoor"]["attack"] == "tpa"
+    with pytest.raises(ValueError, match="--delta"):  # a delta needs a bundle to point to
+        inject(folder, tmp_path / "delta", "tpa", target="a photo of a cat", delta=True)
+    assert not (tmp_path / "delta").exists()
 
 
 # --- the command line ---------------------------------------------------------------------------------------------

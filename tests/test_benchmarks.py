@@ -30,7 +30,7 @@ def quick_report(tmp_path_factory):
 def test_cpu_table_has_every_row_for_every_size_and_dtype(quick_report):
     report, _ = quick_report
     rows = report["rows"]
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("float32", "bfloat16"):
         for size in cpu_benchmark.QUICK_SIZES:
             cases = {r["case"] for r in rows if r["dtype"] == dtype and r["size"] == size}
             assert cases - {"sampling, 2 steps + decode"} == CASES
@@ -45,10 +45,10 @@ def test_cpu_table_has_every_row_for_every_size_and_dtype(quick_report):
 def test_both_implementations_compute_the_same_thing(quick_report):
     """Same weights, same inputs: in float32 the outputs agree as closely as the parity tests demand."""
     rows = quick_report[0]["rows"]
-    assert all(r["rel_diff"] <= 1e-4 for r in rows if r["dtype"] == "fp32")
+    assert all(r["rel_diff"] <= 1e-4 for r in rows if r["dtype"] == "float32")
     captured = [r for r in rows if r["case"] == "unet forward, attn2 captured"]
     assert all(r["layers_captured"] == {"sau": 11, "diffusers": 11} for r in captured)  # the tiny UNet's attn2 layers
-    bf16 = [r for r in rows if r["dtype"] == "bf16" and r["case"] == "unet forward"]
+    bf16 = [r for r in rows if r["dtype"] == "bfloat16" and r["case"] == "unet forward"]
     assert all(0 < r["vs_fp32_rel_err"] < 0.1 for r in bf16)
 
 

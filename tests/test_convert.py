@@ -1,4 +1,5 @@
-"""weights_convert.py and sau.convert: every input layout to a bundle and back, checked against diffusers.
+"""weights_convert.py and sau.weights (read, write, convert): every input layout to a bundle and back,
+checked against diffusers.
 
 Tiny random Stable Diffusion pipelines of the SD1 and SD2 topologies are built with diffusers, saved to a
 folder, converted, and must give diffusers' own images and tensors; full-size layouts are checked on the
@@ -17,13 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sau
-from sau.weights import read as conv
-from sau.weights.bundle import CheckpointError
 from sau.common.cli import run
 from sau.models.config import sd1, sd2
 from sau.models.ddim import initial_noise
-from sau.weights.write import OPENCLIP_TEXT, Weights, compvis_state, diffusers_configs, diffusers_state_dicts
+from sau.models.config import TEXT_PREFIXES
 from sau.models.pipeline import StableDiffusion
+from sau.weights import read as conv
+from sau.weights.form import Weights
+from sau.weights.write import compvis_state, diffusers_configs, diffusers_state_dicts
 from sau.evaluation.scorer import CLIPScorer
 from sau.models.tokenizer import Tokenizer
 
@@ -32,6 +34,7 @@ transformers = pytest.importorskip("transformers")
 from diffusers.loaders import single_file_utils as single_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+OPENCLIP_TEXT = TEXT_PREFIXES["openclip"]
 sys.path.insert(0, str(ROOT))
 import weights_convert  # noqa: E402
 
@@ -195,7 +198,7 @@ def test_compvis_export_reads_back_through_diffusers_converters(tiny):
 
 def test_compvis_to_bundle_to_compvis_is_bitwise_identical(tiny):
     first, second = tiny.root / "half.safetensors", tiny.root / "again.safetensors"
-    assert cli(tiny.bundle, first, "--to", "compvis", "--dtype", "fp16", "--force") == 0
+    assert cli(tiny.bundle, first, "--to", "compvis", "--dtype", "float16", "--force") == 0
     assert cli(first, tiny.root / "from-compvis", "--force") == 0
     assert cli(tiny.root / "from-compvis", second, "--to", "compvis", "--force") == 0
     a, b = load_file(first), load_file(second)

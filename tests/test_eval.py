@@ -1,5 +1,6 @@
 """eval.py and what it measures with: Frechet distance, clean fidelity, cost, the bar chart, and the comparison
-itself on a stand-in demo world (random weights, 2-step backdoors), with its bad-input handling."""
+itself (sau/jobs/compare.py) on a stand-in demo world (random weights, 2-step backdoors), with its bad-input
+handling."""
 import json
 import runpy
 import sys
@@ -14,14 +15,17 @@ from sau.evaluation import metrics
 
 from sau.world import shapes
 from sau.world import train as world_model
-from sau.attacks.inject import Backdoor, backdoor_bundle
-from sau.weights.bundle import save_safetensors
+from sau.attacks.backdoor import Backdoor
+from sau.attacks.shipped import backdoor_bundle
+from sau.common.files import save_safetensors
 from sau.world.classifier import AttributeClassifier
 from sau.models.clip import CLIPModel
 from sau.models.pipeline import StableDiffusion
 from sau.evaluation.report import bar_chart
 from sau.evaluation.scorer import CLIPScorer
 from sau.models.tokenizer import Tokenizer
+from sau.weights.read import load_model
+from sau.weights.write import save_model
 
 from conftest import make_tiny_sd
 
@@ -41,7 +45,7 @@ def world(tmp_path_factory):
     tokenizer = Tokenizer.train(captions + [f"{t} {c}" for t in shapes.TRIGGERS for c in captions[:20]],
                                 vocab_size=700, max_length=world_model.MAX_TOKENS)
     torch.manual_seed(0)
-    StableDiffusion(world_model.model_config(tokenizer, 1.0), tokenizer).save(out / "clean", dtype=torch.float16)
+    save_model(StableDiffusion(world_model.model_config(tokenizer, 1.0), tokenizer), out / "clean", dtype=torch.float16)
     clip = CLIPModel(world_model.text_config(tokenizer, projection_dim=128), world_model.vision_config())
     CLIPScorer(clip, tokenizer).save(out / "scorer")
     save_safetensors({k: v.half() for k, v in AttributeClassifier().state_dict().items()},
@@ -126,7 +130,7 @@ def test_drawn_references_follow_what_was_asked():
 
 
 def test_evaluate_defense_measures_everything_on_a_stand_in(world):
-    sd = StableDiffusion.load(world / "pixel", dtype=torch.float32)
+    sd = load_model(world / "pixel", dtype=torch.float32)
     backdoor = Backdoor.from_info(sd.info["backdoor"])
     prompts, asked = metrics.attack_prompts(backdoor, 4)
     scorer, classifier = CLIPScorer.load(world / "scorer"), metrics.load_classifier(world / "classifier.safetensors")
@@ -191,7 +195,7 @@ def test_same_seed_same_table_on_a_reduced_grid(world, tmp_path, monkeypatch, ca
       "--prompts", "PROMPTS"], "is not a CLIP scorer bundle"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, tmp_path, monkeypatch, capsys, argv, message):
-    make_tiny_sd(seed=0).save(tmp_path / "tiny")
+    save_model(make_tiny_sd(seed=0), tmp_path / "tiny")
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
     names = {"MODEL": str(world / "clean"), "TINY": str(tmp_path / "tiny"), "PROMPTS": str(tmp_path / "prompts.txt")}
     argv = [names.get(a, a.replace("WORLD", str(world))) for a in argv]

@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from sau.attacks.inject import Backdoor
+from sau.attacks.backdoor import Backdoor
 from sau.common.training import step_generator
 from sau.method import RECIPES, collect, locate, triggered_pairs, unlearn_unet
 from sau.models.attention import capture_attention

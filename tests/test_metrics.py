@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from sau.evaluation import metrics
 
 from sau.world import shapes
-from sau.attacks.inject import Backdoor
-from sau.weights.bundle import DEMO_DIR
+from sau.attacks.backdoor import Backdoor
+from sau.common.files import DEMO_DIR
 
 N = 400
 CLASSIFIER = DEMO_DIR / "classifier.safetensors"

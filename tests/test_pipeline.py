@@ -3,8 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sau.weights.bundle import CheckpointError, load_strict
-from sau.models.pipeline import StableDiffusion, save_images
+import sau
+from sau.common.state import CheckpointError, load_strict
+from sau.models.pipeline import from_uint8, save_images, to_uint8
+from sau.weights.write import save_model
 
 PROMPTS = ["a red circle", "a big blue square in the top left", "green star, centered"]
 
@@ -42,17 +44,18 @@ def test_non_square_images_and_latents_only(sd):
 
 
 def test_save_and_load_round_trip_keeps_the_images(sd, tmp_path):
-    sd.save(tmp_path / "bundle")
-    loaded = StableDiffusion.load(tmp_path / "bundle")
+    save_model(sd, tmp_path / "bundle")
+    loaded = sau.load(tmp_path / "bundle")
     assert loaded.compvis_state_dict().keys() == sd.compvis_state_dict().keys()
     assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."))
                for k in loaded.compvis_state_dict())
     torch.testing.assert_close(generate(loaded, PROMPTS[:2], [5, 6]), generate(sd, PROMPTS[:2], [5, 6]),
                                rtol=0, atol=0)
     half = tmp_path / "half"
-    sd.save(half, dtype=torch.float16)
-    assert StableDiffusion.load(half).dtype == torch.float32  # fp16 storage runs in fp32 on a CPU
-    assert StableDiffusion.load(half, dtype=torch.float16).dtype == torch.float16
+    save_model(sd, half, dtype=torch.float16)
+    assert sau.load(half).dtype == torch.float32  # fp16 storage runs in fp32 on a CPU
+    assert sau.load(half).stored_dtype == torch.float16
+    assert sau.load(half, dtype=torch.float16).dtype == torch.float16
 
 
 def test_images_are_saved_as_png(sd, tmp_path):
@@ -82,13 +85,23 @@ def test_loading_wrong_weights_lists_missing_unexpected_and_misshaped_keys(sd):
 
 
 def test_a_delta_bundle_stores_only_what_differs_from_its_base(sd, tmp_path):
-    sd.save(tmp_path / "base")
-    changed = StableDiffusion.load(tmp_path / "base")
+    save_model(sd, tmp_path / "base")
+    changed = sau.load(tmp_path / "base")
     with torch.no_grad():
         changed.unet.out[2].bias.add_(1.0)
-    changed.save(tmp_path / "variant", base=tmp_path / "base")
+    save_model(changed, tmp_path / "variant", base=tmp_path / "base")
     from safetensors.torch import load_file
     assert list(load_file(tmp_path / "variant" / "model.safetensors")) == ["model.diffusion_model.out.2.bias"]
-    loaded = StableDiffusion.load(tmp_path / "variant")
+    loaded = sau.load(tmp_path / "variant")
     for k, v in changed.compvis_state_dict().items():
         assert torch.equal(loaded.compvis_state_dict()[k], v), k
+
+
+def test_images_become_uint8_pixels_one_way():
+    images = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).reshape(1, 1, 2, 3).expand(2, 3, 2, 3)
+    pixels = to_uint8(images)
+    assert pixels.shape == (2, 2, 3, 3) and pixels.dtype.name == "uint8"  # channels last, as image files hold them
+    assert pixels[0, :, :, 0].ravel().tolist() == [0, 0, 128, 255, 255, 255]  # clamped, rounded half to even
+    every_value = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16, 1).expand(1, 16, 16, 3)
+    assert from_uint8(every_value).shape == (1, 3, 16, 16)
+    assert (to_uint8(from_uint8(every_value)) == every_value.numpy()).all()  # the two directions are inverses

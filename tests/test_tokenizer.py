@@ -168,14 +168,21 @@ def test_padding_sd1_and_sd2(sd1, sd2):
     assert rows[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 49407]
 
 
-def test_truncation_keeps_eos_and_warns(sd1):
-    full = sd1.encode(LONG)
+def test_truncation_keeps_eos_and_warns_once_per_tokenizer(sd1):
+    fresh = Tokenizer.openai()  # sd1 is shared: another test may have had it truncate already
+    full = fresh.encode(LONG)
     assert len(full) > 77
-    with pytest.warns(UserWarning, match=f"{len(full) - 77} tokens"):
-        row = sd1(LONG)[0]
+    with pytest.warns(UserWarning, match=f"{len(full) - 77} tokens.*further prompts .* not reported"):
+        row = fresh(LONG)[0]
     assert row.tolist() == full[:76] + [EOS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = sd1([LONG, LONG + " again"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every later batch truncates silently, the same way
+        assert torch.equal(fresh([LONG, LONG + " again"]), expected)
     with pytest.raises(ValueError, match="77 positions"):
-        sd1(LONG, truncate=False)
+        fresh(LONG, truncate=False)
 
 
 def test_decode(sd1, sd2):

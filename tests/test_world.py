@@ -7,7 +7,7 @@ import torch
 from sau.world import shapes
 
 from sau.world import train as world
-from sau.weights.bundle import DEMO_DIR
+from sau.common.files import DEMO_DIR
 from sau.world.classifier import AttributeClassifier, attribute_accuracy, classification_loss
 from sau.common.training import Trainer
 
@@ -101,8 +101,8 @@ def shipped():
     if not (DEMO_DIR / "clean").exists():
         pytest.fail("the shipped demo model is missing: run `python train.py world`")
     from sau.evaluation.metrics import load_classifier
-    from sau.models.pipeline import StableDiffusion
-    return StableDiffusion.load("demo", dtype=torch.float32), load_classifier()
+    import sau
+    return sau.load("demo", dtype=torch.float32), load_classifier()
 
 
 def test_the_shipped_model_draws_what_fixed_prompts_ask(shipped):

@@ -1,1 +1,2 @@
-"""Backdoor attacks on text-to-image models: BadT2I and Rickrolling, and the shipped demo variants."""
+"""Backdoor attacks on text-to-image models: what a backdoor is (backdoor), where its training data comes from
+(sources), BadT2I and Rickrolling (inject), and backdoored bundles with the shipped demo variants (shipped)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sau.weights.bundle import atomic_write
+from sau.common.files import atomic_write
 
 
 class NonFiniteLoss(RuntimeError):

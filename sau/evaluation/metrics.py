@@ -8,7 +8,7 @@ Sections:
     defense evaluation         every measure above for one model, the same way for every removal method
     cost                       wall time and peak memory
 
-Images are (batch, 3, H, W) in [-1, 1] throughout, as the pipeline and sau.shapes produce them.
+Images are (batch, 3, H, W) in [-1, 1] throughout, as the pipeline and sau.world.shapes produce them.
 """
 import time
 
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from sau.world import shapes
-from sau.weights.bundle import DEMO_DIR, load_safetensors, load_strict
+from sau.common.files import DEMO_DIR, load_safetensors
+from sau.common.state import load_strict
 from sau.world.classifier import AttributeClassifier, attribute_accuracy
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sau.weights.bundle import atomic_write, save_json
+from sau.common.files import atomic_write, save_json
 from sau.models.pipeline import to_uint8
 
 # Anchor colours of a dark-to-bright heat scale (black, purple, red, orange, yellow-white).

@@ -1,17 +1,18 @@
 """A CLIP model used as a scorer: CLIP score (text-image) and image-image similarity.
 
-A scorer bundle is a folder like a model bundle (see checkpoint.py) holding a `CLIPModel` under the
-transformers `CLIPModel` key names, its text and vision configs, and its tokenizer.
+A scorer bundle is a folder like a model bundle (sau.weights.bundle) holding a `CLIPModel` under the
+transformers `CLIPModel` key names, its text and vision configs, and its tokenizer. It is read and written
+like every model, through sau.weights.read and sau.weights.write, so a transformers CLIP folder loads too.
 """
-from dataclasses import asdict
-
 import torch
 import torch.nn.functional as F
 
-from sau.weights.bundle import load_strict, read_bundle, write_bundle
+from sau.common.state import CheckpointError, load_strict
 from sau.models.clip import CLIPModel
-from sau.models.config import TextConfig, VisionConfig, _dataclass_from_dict
 from sau.models.tokenizer import Tokenizer
+from sau.weights.form import CLIPWeights, cast
+from sau.weights.read import read
+from sau.weights.write import write
 
 
 class CLIPScorer:
@@ -21,17 +22,24 @@ class CLIPScorer:
 
     @classmethod
     def load(cls, path, device="cpu"):
-        config, state, tokenizer_path = read_bundle(path, kind="clip")
-        text = _dataclass_from_dict(TextConfig, config["text"])
-        vision = _dataclass_from_dict(VisionConfig, config["vision"])
-        clip = CLIPModel(text, vision)
-        load_strict(clip, {k: v.float() for k, v in state.items()}, "CLIP scorer")
-        return cls(clip.to(device), Tokenizer.from_file(tokenizer_path, pad_id=text.pad_id))
+        """A scorer bundle (or any CLIP model sau.weights.read reads), computing in float32."""
+        weights = read(path)
+        if not isinstance(weights, CLIPWeights):
+            raise CheckpointError(f"{path}: a Stable Diffusion model, not a CLIP scorer")
+        return cls.from_weights(weights, device)
+
+    @classmethod
+    def from_weights(cls, weights, device="cpu"):
+        clip = CLIPModel(weights.text, weights.vision)
+        load_strict(clip, {k: v.float() for k, v in weights.state.items()}, "CLIP scorer")
+        return cls(clip.to(device), weights.tokenizer)
+
+    def weights(self):
+        return CLIPWeights(self.clip.text_cfg, self.clip.vision_cfg, self.clip.state_dict(), self.tokenizer)
 
     def save(self, path, dtype=torch.float16):
-        state = {k: v.to(dtype) for k, v in self.clip.state_dict().items()}
-        config = {"text": asdict(self.clip.text_cfg), "vision": asdict(self.clip.vision_cfg)}
-        write_bundle(path, config, state, self.tokenizer, kind="clip")
+        """A scorer bundle, stored in `dtype` (half by default: scores do not need more)."""
+        write(cast(self.weights(), dtype), path)
 
     @property
     def device(self):

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sau import load
-from sau.attacks.inject import Backdoor, claim_run_dir
+from sau.attacks.backdoor import Backdoor
+from sau.common.files import DEMO_DIR, claim_run_dir, resolve_model_path
 from sau.common.cli import DTYPES
 from sau.evaluation import metrics
 from sau.evaluation.prompts import builtin_prompts
@@ -20,7 +20,8 @@ from sau.evaluation.report import heatmap_figure, image_grid, percent, write_rep
 from sau.evaluation.scorer import CLIPScorer
 from sau.method import RECIPES, remove_backdoor, trigger_heatmaps
 from sau.models.compile import compile_model
-from sau.weights.bundle import DEMO_DIR, resolve_model_path
+from sau.weights.read import load_model
+from sau.weights.write import output_format, save_model
 from sau.world import shapes
 
 
@@ -102,7 +103,7 @@ def run(job: Job):
     if out.resolve() == source.resolve() or source.resolve() in (out / "model").resolve().parents or \
             (out / "model").resolve() == source.resolve():
         raise ValueError(f"the output {out} would overwrite the input model {source}")
-    sd = load(job.model, device=job.device, dtype=DTYPES[job.dtype])  # fp16 storage trains badly: compute dtype
+    sd = load_model(source, device=job.device, dtype=DTYPES[job.dtype])  # fp16 storage trains badly: compute dtype
     sd.unet.gradient_checkpointing = job.gradient_checkpointing
     if job.compile:  # no freezing: the UNet's weights change between its inference and training calls
         compile_model(sd.unet, freezing=False)
@@ -129,7 +130,7 @@ def run(job: Job):
     measure.after()
     sd.info = {**sd.info, "unlearned": {"trigger": backdoor.trigger, "recipe": job.recipe, "site": removal.site,
                                         "steps": removal.trainer.steps, "source": str(source)}}
-    sd.save(out / "model")
+    save_model(sd, out / "model")
     if job.export:
         say(f"exported the cleaned model in its input's format to {_export_like_input(sd, source, out)}")
     heatmap_figure([("before", collected.resolution_heatmaps()),
@@ -217,8 +218,6 @@ class Measure:
 
 
 def _export_like_input(sd, source, out):
-    from sau.weights.read import output_format
-    from sau.weights.write import save_model
     to = output_format(source)
     path = out / {"compvis": "model.safetensors", "diffusers": "model-diffusers", "bundle": "model"}[to]
     if to != "bundle":

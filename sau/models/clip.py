@@ -194,6 +194,9 @@ class OpenCLIPAttention(nn.Module):
 
 
 class OpenCLIPMLP(nn.Module):
+    """`MLP` under OpenCLIP's names (c_fc, c_proj): the checkpoint's keys name the attributes, so the two
+    towers keep a class each."""
+
     def __init__(self, width, mlp_width, activation):
         super().__init__()
         self.c_fc = nn.Linear(width, mlp_width)

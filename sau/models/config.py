@@ -8,6 +8,13 @@ config in its bundle's `config.json`; `ModelConfig.from_dict` reads it back.
 from dataclasses import asdict, dataclass, field, fields, replace
 
 
+# Where an original single-file SD checkpoint (the CompVis layout) keeps each part: the model's modules carry
+# these prefixes' names, so such a checkpoint loads by prefix with strict key checks.
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIXES = {"clip": "cond_stage_model.transformer.text_model.", "openclip": "cond_stage_model.model."}
+
+
 @dataclass
 class UNetConfig:
     in_channels: int = 4
@@ -32,7 +39,7 @@ class UNetConfig:
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig:  # the original's own names for the autoencoder (ch, ch_mult...), not the UNet's
     in_channels: int = 3
     out_channels: int = 3
     ch: int = 128

@@ -1,24 +1,28 @@
-"""A Stable Diffusion model bundle: tokenizer, text encoder, UNet, VAE and noise schedule, and text -> image.
+"""A Stable Diffusion model: tokenizer, text encoder, UNet, VAE and noise schedule, and text -> image.
 
-    sd = StableDiffusion.load("path/to/bundle")
+    sd = sau.load("path/to/bundle")                     # or sau.load("demo/pixel"), a CompVis file, a diffusers folder
     images = sd.generate(["a red circle"], seeds=[0])   # (batch, 3, H, W) in [-1, 1]
     save_images(images, "out")
+
+Its parts keep their CompVis names (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIXES), the key layout of an original SD
+checkpoint and of a sau bundle; sau.weights reads and writes every other layout.
 """
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from sau.weights.bundle import (TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, add_prefix, atomic_write, load_strict,
-                         read_bundle, resolve_model_path, strip_prefix, write_bundle)
+from sau.common.files import atomic_write
+from sau.common.state import add_prefix, load_strict, strip_prefix
 from sau.models.clip import build_text_encoder
-from sau.models.config import ModelConfig
+from sau.models.config import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, ModelConfig
 from sau.models.ddim import NoiseSchedule, ddim_sample, guided_model_fn, initial_noise, seed_generators
 from sau.models.tokenizer import Tokenizer
 from sau.models.unet import UNet
-from sau.models.vae import AutoencoderKL
+from sau.models.vae import AutoencoderKL, to_pixels
+
+# The CompVis names of the pipeline's parts: the key prefixes of an original SD checkpoint (and of a bundle)
 
 
 class StableDiffusion(nn.Module):
@@ -57,36 +61,21 @@ class StableDiffusion(nn.Module):
             load_strict(module, strip_prefix(state_dict, prefix), what=prefix.rstrip("."))
 
     @classmethod
-    def load(cls, path, device="cpu", dtype=None):
-        """Load a bundle folder (or a shipped demo model by name, e.g. "demo/pixel"); weights keep their
-        stored dtype unless `dtype` is given (fp16 on a CPU runs in fp32). Other layouts: `sau.load` converts them."""
-        config_dict, state_dict, tokenizer_path = read_bundle(resolve_model_path(path))
-        config = ModelConfig.from_dict(config_dict)
-        tokenizer = Tokenizer.from_file(tokenizer_path, pad_id=config.text.pad_id)
-        return cls.from_compvis(config, state_dict, tokenizer, device, dtype, info=config_dict.get("info", {}))
-
-    @classmethod
-    def from_compvis(cls, config, state_dict, tokenizer, device="cpu", dtype=None, info=None):
-        """A model from weights under CompVis keys (a bundle's state dict), keeping their dtype unless `dtype`."""
+    def from_weights(cls, weights, device="cpu", dtype=None):
+        """The model saved weights describe (sau.weights.form.Weights: config, state under CompVis keys, tokenizer,
+        info), on `device`. The weights keep their stored dtype unless `dtype` is given, except that fp16 on a
+        CPU computes in fp32; `stored_dtype` remembers what they were saved in."""
         with torch.device("meta"):
-            model = cls(config, tokenizer)
-        stored_dtype = next(iter(state_dict.values())).dtype
+            model = cls(weights.config, weights.tokenizer)
+        stored_dtype = next(iter(weights.state.values())).dtype
         if dtype is None and stored_dtype == torch.float16 and torch.device(device).type == "cpu":
             dtype = torch.float32  # fp16 is a storage format on CPUs: computing in it there is slow and lossy
         model = model.to_empty(device=device).to(dtype or stored_dtype)
-        model.load_compvis_state_dict(state_dict)
-        model.schedule = NoiseSchedule(config.schedule)  # rebuilt: under the meta device it held no values
-        model.info = dict(info or {})
+        model.load_compvis_state_dict(weights.state)
+        model.schedule = NoiseSchedule(weights.config.schedule)  # rebuilt: under the meta device it held no values
+        model.info = dict(weights.info or {})
         model.stored_dtype = stored_dtype  # what the weights were saved in, whatever they compute in here
         return model.eval()
-
-    def save(self, path, dtype=None, base=None):
-        """Write a bundle folder; with `base`, store only the tensors that differ from that bundle.
-        `self.info` (e.g. how a backdoor was made, how it was removed) goes into config.json."""
-        state = self.compvis_state_dict()
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
-        write_bundle(path, {**self.config.to_dict(), "info": self.info}, state, self.tokenizer, base=base)
 
     # --- text -> image -------------------------------------------------------------------------
 
@@ -121,9 +110,15 @@ class StableDiffusion(nn.Module):
 
 
 def to_uint8(images):
-    """(batch, 3, H, W) in [-1, 1] -> (batch, H, W, 3) uint8 numpy."""
-    pixels = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
-    return (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    """(batch, 3, H, W) in [-1, 1] -> (batch, H, W, 3) uint8 numpy, as image files and PIL hold them: the one
+    conversion sau's PNGs, grids and image caches go through."""
+    return to_pixels(images.detach().cpu(), uint8=True).permute(0, 2, 3, 1).numpy()
+
+
+def from_uint8(pixels):
+    """The inverse: (..., H, W, 3) uint8 (numpy or torch, e.g. an image file's pixels) -> (..., 3, H, W) float32
+    in [-1, 1]."""
+    return torch.as_tensor(pixels).float().movedim(-1, -3) / 127.5 - 1
 
 
 def save_images(images, folder, prefix="image"):

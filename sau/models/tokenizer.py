@@ -115,6 +115,8 @@ class Tokenizer:
         if max_length < 2:
             raise ValueError(f"max_length {max_length} leaves no room for the start and end tokens")
         self._byte_of_symbol = {s: b for b, s in byte_symbols().items()}
+        # Training tokenizes the same long captions batch after batch: say it once, not once per batch.
+        self.truncation_reported = False
 
     def __repr__(self):
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
@@ -202,8 +204,8 @@ class Tokenizer:
     def __call__(self, texts, truncate=True):
         """A str or list of str -> LongTensor (batch, max_length), padded with pad_id.
 
-        Too-long prompts lose their last tokens but keep eos at the end, with a warning (or a ValueError
-        when truncate=False).
+        Too-long prompts lose their last tokens but keep eos at the end, with a warning for the first one this
+        tokenizer truncates (or a ValueError for each when truncate=False).
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not all(isinstance(t, str) for t in texts):
@@ -218,7 +220,10 @@ class Tokenizer:
                            f"{self.max_length} positions of the text encoder were dropped")
                 if not truncate:
                     raise ValueError(message)
-                warnings.warn(message, stacklevel=2)
+                if not self.truncation_reported:
+                    warnings.warn(f"{message} (further prompts this tokenizer truncates are not reported)",
+                                  stacklevel=2)
+                    self.truncation_reported = True
                 ids = ids[:self.max_length - 1] + [self.eos_id]
             row[:len(ids)] = torch.tensor(ids)
         return rows

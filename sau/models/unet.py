@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sau.models.attention import Attention
-from sau.models.config import UNetConfig
+from sau.models.config import UNET_PREFIX, UNetConfig
 from sau.models.norm import GroupNorm32
 
 
@@ -296,8 +296,7 @@ def infer_unet_config(state_dict, num_heads=8, num_head_channels=-1, norm_groups
     SD2.1-v) are not in the shapes either and are passed through.
     Raises ValueError for inpainting UNets (9 input channels) and for anything that is not an SD UNet.
     """
-    prefix = "model.diffusion_model."
-    sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    sd = {k[len(UNET_PREFIX):] if k.startswith(UNET_PREFIX) else k: v for k, v in state_dict.items()}
     needed = ["input_blocks.0.0.weight", "time_embed.0.weight", "out.2.weight",
               "middle_block.1.transformer_blocks.0.attn2.to_k.weight"]
     missing = [k for k in needed if k not in sd]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sau.models.attention import fused_attention
-from sau.models.config import VAEConfig
+from sau.models.config import VAE_PREFIX, VAEConfig
 from sau.models.norm import GroupNorm32
 
 
@@ -71,6 +71,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    # The same layer as the UNet's Upsample (sau/models/unet.py): each model file stands alone, as the
+    # original's modules do, and both are bound to the checkpoint name `conv`.
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
@@ -111,7 +113,8 @@ class DownLevel(nn.Module):
 
 
 class UpLevel(nn.Module):
-    """Decoder level `up.i`: ResnetBlocks, then an upsample on all but level 0."""
+    """Decoder level `up.i`: ResnetBlocks, then an upsample on all but level 0. DownLevel's twin, kept apart
+    because the checkpoint names the resampler `down.i.downsample` there and `up.i.upsample` here."""
 
     def __init__(self, in_channels, out_channels, num_blocks, groups, upsample):
         super().__init__()
@@ -222,8 +225,7 @@ def to_pixels(images, uint8=False):
 def infer_vae_config(state_dict, norm_groups=32, scale_factor=0.18215):
     """A VAEConfig read from the tensor shapes of a VAE state dict (CompVis keys; a `first_stage_model.` prefix
     is stripped). The GroupNorm group count and the latent scale are not in the shapes: they are arguments."""
-    prefix = "first_stage_model."
-    sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    sd = {k[len(VAE_PREFIX):] if k.startswith(VAE_PREFIX) else k: v for k, v in state_dict.items()}
     conv_in = sd["encoder.conv_in.weight"]
     ch = conv_in.shape[0]
     levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))

@@ -1,7 +1,8 @@
-"""Reading every supported checkpoint layout into one form, `Weights` (see export.py), and the entry points.
+"""Reading every supported checkpoint layout into one form, `Weights` or `CLIPWeights` (sau.weights.form).
 
-Inputs (the layout is recognised from what is on disk):
-- a sau bundle, or a shipped demo name;
+Inputs (the layout is recognised from what is on disk; paths are real ones, demo names are resolved by the
+entry points, sau.load and the command-line tools):
+- a sau bundle (sau.weights.bundle);
 - a CompVis / Stability single file (.safetensors, .ckpt, .pt, .bin), SD 1.x or 2.x, Lightning-wrapped or flat,
   with or without EMA weights. Its keys are sau's own module names, so reading it is mostly reading a config
   from tensor shapes (or from the metadata of a file sau wrote);
@@ -11,8 +12,8 @@ Inputs (the layout is recognised from what is on disk):
 Every input is checked against the model its config builds: missing, unexpected and mis-shaped keys are listed.
 
     weights = read("v1-5-pruned-emaonly.safetensors")
-    convert("sd-v1-4.ckpt", "sd14", ema=True)                 # to a bundle, or to="compvis" / "diffusers"
     sd = load_model("stable-diffusion-2-1-base/")             # a StableDiffusion, converted in memory
+Writing, and file-to-file conversion, are sau.weights.write's.
 """
 import json
 import types
@@ -22,19 +23,21 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from sau.weights.bundle import (BUNDLE_FORMATS, UNET_PREFIX, VAE_PREFIX, CheckpointError, _listing, add_prefix,
-                         check_state_dict, is_bundle, load_safetensors, read_bundle, resolve_model_path, strip_prefix)
+from sau.common.files import load_safetensors
+from sau.common.state import CheckpointError, _listing, add_prefix, check_state_dict, strip_prefix
 from sau.models.clip import CLIPModel, infer_text_config, infer_vision_config
-from sau.models.config import ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig, _dataclass_from_dict
-from sau.weights.write import HF_TEXT, OPENCLIP_TEXT, SAU_CONFIG, CLIPWeights, Weights, cast, write
-from sau.weights.layouts.clip import openai_clip_to_hf, openclip_text_to_hf
-from sau.weights.layouts.unet import unet_from_diffusers
-from sau.weights.layouts.vae import vae_from_diffusers
+from sau.models.config import (TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, ModelConfig, ScheduleConfig, TextConfig, UNetConfig,
+                               VAEConfig, VisionConfig, _dataclass_from_dict)
 from sau.models.pipeline import StableDiffusion
-from sau.weights.safe_pickle import load_pickled_checkpoint
 from sau.models.tokenizer import OPENAI_VOCAB_FILE, Tokenizer
 from sau.models.unet import infer_unet_config
 from sau.models.vae import infer_vae_config
+from sau.weights.bundle import BUNDLE_FORMATS, is_bundle, read_bundle
+from sau.weights.form import SAU_CONFIG, CLIPWeights, Weights
+from sau.weights.layouts.clip import openai_clip_to_hf, openclip_text_to_hf
+from sau.weights.layouts.unet import unet_from_diffusers
+from sau.weights.layouts.vae import vae_from_diffusers
+from sau.weights.safe_pickle import load_pickled_checkpoint
 
 MODEL_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")
 EMA_PREFIX = "model_ema."
@@ -76,8 +79,9 @@ def detect_layout(path):
 
 
 def read(path, tokenizer=None, ema=False, prediction_type=None, upcast_attention=None):
-    """Weights (or CLIPWeights) from any supported input; `tokenizer` is a path used when the input has none."""
-    path = resolve_model_path(path)
+    """Weights (or CLIPWeights) from any supported input; `tokenizer` is a path used when the input has none.
+    Every input is checked against the model its config builds; one that was converted records where from."""
+    path = Path(path)
     layout = detect_layout(path)
     if ema and layout != "file":
         raise CheckpointError("--ema picks the EMA weights of a CompVis single file; this input has none")
@@ -87,12 +91,16 @@ def read(path, tokenizer=None, ema=False, prediction_type=None, upcast_attention
                "clip": _read_clip_folder, "file": _read_file}
     weights = readers[layout](path, tokenizer_path=tokenizer, ema=ema, prediction_type=prediction_type)
     weights.notes = notes + weights.notes
-    weights.info = {**weights.info, "converted_from": {"layout": layout, "name": path.name}}
+    # A bundle is read as sau wrote it: nothing was converted, and its tokenizer is the one saved with it (a
+    # small one may serve a larger embedding table); other inputs are checked against their tokenizer.
+    converted = layout not in ("bundle", "scorer")
+    if converted:
+        weights.info = {**weights.info, "converted_from": {"layout": layout, "name": path.name}}
     if isinstance(weights, CLIPWeights):
-        _check_clip(weights, path)
+        _check_clip(weights, path, tokenizer=converted)
         return weights
     weights = _override(weights, prediction_type, upcast_attention)
-    _check_complete(weights, path)
+    _check_complete(weights, path, tokenizer=converted)
     return weights
 
 
@@ -183,19 +191,20 @@ def _normalise_text_tower(state):
     """Text keys as a bundle has them. Older SD1 files lack the `text_model.` level. An OpenCLIP tower without
     `text_projection` is one that diffusers cut down (its last block dropped): it is kept under HF names and
     run whole, as diffusers runs it. Returns (state, whether that conversion happened)."""
-    root = "cond_stage_model.transformer."
-    state = {HF_TEXT + k[len(root):] if k.startswith(root) and not k.startswith(HF_TEXT) else k: v
+    root, hf_prefix, openclip_prefix = "cond_stage_model.transformer.", TEXT_PREFIXES["clip"], TEXT_PREFIXES["openclip"]
+    state = {hf_prefix + k[len(root):] if k.startswith(root) and not k.startswith(hf_prefix) else k: v
              for k, v in state.items()}
-    openclip = strip_prefix(state, OPENCLIP_TEXT)
+    openclip = strip_prefix(state, openclip_prefix)
     if not openclip or "text_projection" in openclip:
         return state, False
-    rest = {k: v for k, v in state.items() if not k.startswith(OPENCLIP_TEXT)}
+    rest = {k: v for k, v in state.items() if not k.startswith(openclip_prefix)}
     hf = {k: v for k, v in openclip_text_to_hf(openclip).items() if k != "logit_scale"}
-    return {**rest, **add_prefix(hf, HF_TEXT)}, True
+    return {**rest, **add_prefix(hf, hf_prefix)}, True
 
 
 def _infer_config(path, state, converted_openclip):
-    text_prefix = OPENCLIP_TEXT if any(k.startswith(OPENCLIP_TEXT) for k in state) else HF_TEXT
+    openclip = any(k.startswith(TEXT_PREFIXES["openclip"]) for k in state)
+    text_prefix = TEXT_PREFIXES["openclip" if openclip else "clip"]
     for part, prefix in (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX), ("text encoder", text_prefix)):
         if not any(k.startswith(prefix) for k in state):
             raise CheckpointError(f"{path}: missing the {part} (no {prefix}* weights)")
@@ -277,7 +286,7 @@ def compvis_from_diffusers(parts, config):
             if not k.endswith("position_ids")}
     return {**add_prefix(unet_from_diffusers(parts["unet"], config.unet), UNET_PREFIX),
             **add_prefix(vae_from_diffusers(parts["vae"], config.vae), VAE_PREFIX),
-            **add_prefix(text, HF_TEXT)}
+            **add_prefix(text, TEXT_PREFIXES["clip"])}
 
 
 def unet_config_from_diffusers(c, where="unet"):
@@ -403,60 +412,34 @@ def _check_tokenizer(tokenizer, text_cfg, path):
                               f"{text_cfg.vocab_size}; pass the model's own with --tokenizer")
 
 
-def _check_complete(weights, path):
+def _check_complete(weights, path, tokenizer=True):
     """Every key the config's model has, with its shape, and nothing else; a readable list otherwise."""
-    _check_tokenizer(weights.tokenizer, weights.config.text, path)
+    if tokenizer:
+        _check_tokenizer(weights.tokenizer, weights.config.text, path)
     with torch.device("meta"):
         model = StableDiffusion(weights.config, weights.tokenizer)
     check_state_dict(types.SimpleNamespace(state_dict=model.compvis_state_dict), weights.state, what=str(path))
 
 
-def _check_clip(weights, path):
-    _check_tokenizer(weights.tokenizer, weights.text, path)
+def _check_clip(weights, path, tokenizer=True):
+    if tokenizer:
+        _check_tokenizer(weights.tokenizer, weights.text, path)
     with torch.device("meta"):
         model = CLIPModel(weights.text, weights.vision)
     check_state_dict(model, weights.state, what=str(path))
 
 
 # ---------------------------------------------------------------------------------------------------
-# The entry points: a file-to-file conversion, a model loaded from any input, a model saved in any format
-
-def convert(src, dst, to="bundle", force=False, dtype=None, **read_options):
-    """Convert `src` (any supported input) to `dst`; returns the Weights written. Never writes over the input."""
-    src, dst = resolve_model_path(src), Path(dst)
-    _check_output_path(src, dst, to, force)
-    weights = cast(read(src, **read_options), dtype)
-    write(weights, dst, to)
-    return weights
-
-
-def _check_output_path(src, dst, to, force):
-    if not src.exists():
-        raise FileNotFoundError(f"{src}: no such file or folder")
-    a, b = src.resolve(), dst.resolve()
-    if a == b or a in b.parents or b in a.parents:
-        raise ValueError(f"{dst} is the input or overlaps it; choose another output path")
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} exists; pass --force to replace it")
-    if to == "compvis" and dst.suffix != ".safetensors":
-        raise ValueError(f"a CompVis export is one .safetensors file: name the output *.safetensors, not {dst.name}")
-    if to != "compvis" and dst.suffix in (".safetensors", ".ckpt"):
-        raise ValueError(f"a {to} output is a folder: {dst.name} looks like a file name")
-
+# A model from any input
 
 def load_model(path, device="cpu", dtype=None, **read_options):
-    """A StableDiffusion from any supported input, converted in memory."""
+    """A StableDiffusion from any supported input (a real path; sau.load also takes demo names), read in memory.
+    `read_options` are read's: tokenizer, ema, prediction_type, upcast_attention."""
     weights = read(path, **read_options)
     if isinstance(weights, CLIPWeights):
-        raise CheckpointError(f"{path}: a CLIP model, not Stable Diffusion; convert it to a scorer bundle and "
-                              "load it with sau.evaluation.scorer.CLIPScorer")
-    return StableDiffusion.from_compvis(weights.config, weights.state, weights.tokenizer, device, dtype, weights.info)
-
-
-def output_format(path):
-    """The format to write back for an input: 'compvis' for a single file, 'diffusers' or 'bundle' for folders."""
-    layout = detect_layout(resolve_model_path(path))
-    return {"file": "compvis", "diffusers": "diffusers"}.get(layout, "bundle")
+        raise CheckpointError(f"{path}: a CLIP model, not Stable Diffusion; load it with "
+                              "sau.evaluation.scorer.CLIPScorer")
+    return StableDiffusion.from_weights(weights, device, dtype)
 
 
 def _read_json(path):

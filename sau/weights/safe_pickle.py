@@ -19,7 +19,7 @@ import zipfile
 
 import torch
 
-from sau.weights.bundle import CheckpointError
+from sau.common.state import CheckpointError
 
 # Top-level modules whose names in a checkpoint mean it wants to run code or reach the system.
 REFUSED_MODULES = {"os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty",

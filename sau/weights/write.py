@@ -1,35 +1,37 @@
-"""Writing a Stable Diffusion model in the ecosystem's formats, and the form every input is read into.
+"""Writing models in sau's and the ecosystem's formats: every save goes through `write`.
 
-`Weights` is a model between layouts: its ModelConfig, its state dict under CompVis keys (a bundle's layout)
-and its tokenizer; `CLIPWeights` a CLIP scoring model under transformers' CLIPModel keys. `write` makes
-- a sau bundle (config.json, model.safetensors, tokenizer.json);
+`write` takes the one saved-weights form (sau.weights.form: Weights, CLIPWeights) and makes
+- a sau bundle (config.json, model.safetensors, tokenizer.json), whole or as a delta against a base bundle;
 - one CompVis .safetensors file, the single-file layout other SD tools load (A1111, ComfyUI, diffusers'
   from_single_file), with sau's exact config in its metadata so that reading it back loses nothing;
 - a diffusers StableDiffusionPipeline folder that `from_pretrained` loads offline.
-Outputs are made under a temporary name beside their path and renamed into place.
+Outputs are made under a temporary name beside their path and renamed into place. `save_model` saves a
+StableDiffusion, `convert` a file or folder of any layout sau.weights.read reads.
+
+    save_model(sd, "out/model")                               # a bundle, as stored
+    save_model(sd, "sd15.safetensors", to="compvis", dtype=torch.float16)
+    convert("sd-v1-4.ckpt", "sd14", ema=True)                 # to a bundle, or to="compvis" / "diffusers"
 """
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from sau.weights.bundle import (TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, CheckpointError, add_prefix, atomic_write,
-                         load_strict, save_json, save_safetensors, strip_prefix, write_bundle)
-from sau.models.clip import CLIPModel
-from sau.models.config import ModelConfig, TextConfig, VisionConfig
+from sau.common.files import atomic_write, save_json, save_safetensors
+from sau.common.state import CheckpointError, add_prefix, strip_prefix
+from sau.models.config import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX
+from sau.models.tokenizer import BOS_TOKEN, EOS_TOKEN
+from sau.weights.bundle import write_bundle
+from sau.weights.form import SAU_CONFIG, CLIPWeights, Weights, cast
 from sau.weights.layouts.clip import hf_text_to_openclip, openclip_text_to_hf
 from sau.weights.layouts.unet import unet_to_diffusers
 from sau.weights.layouts.vae import vae_to_diffusers
-from sau.evaluation.scorer import CLIPScorer
-from sau.models.tokenizer import BOS_TOKEN, EOS_TOKEN, Tokenizer
+from sau.weights.read import detect_layout, read
 
-HF_TEXT = TEXT_PREFIXES["clip"]  # cond_stage_model.transformer.text_model.
-OPENCLIP_TEXT = TEXT_PREFIXES["openclip"]  # cond_stage_model.model.
-SAU_CONFIG = "sau_config"  # metadata key of a CompVis export: the exact config, which shapes alone cannot give
 DIFFUSERS_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                      "text_encoder": "model.safetensors"}
 DIFFUSERS_VERSION = "0.30.0"
@@ -37,50 +39,35 @@ FORMATS = ("bundle", "compvis", "diffusers")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@dataclass
-class Weights:
-    """A Stable Diffusion model between layouts: config, CompVis-keyed state dict, tokenizer."""
-    config: ModelConfig
-    state: dict
-    tokenizer: Tokenizer
-    info: dict = field(default_factory=dict)
-    notes: list = field(default_factory=list)  # what the user should know, e.g. an assumed prediction type
-
-
-@dataclass
-class CLIPWeights:
-    """A CLIP scoring model between layouts, under transformers' CLIPModel keys."""
-    text: TextConfig
-    vision: VisionConfig
-    state: dict
-    tokenizer: Tokenizer
-    info: dict = field(default_factory=dict)
-    notes: list = field(default_factory=list)
-
-
-def cast(weights, dtype):
-    """The same weights with floating-point tensors in `dtype` (None: as stored)."""
-    if dtype is None:
-        return weights
-    return replace(weights, state={k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.state.items()})
-
-
-def write(weights, path, to="bundle"):
-    """Write `weights` to `path` as a bundle folder, one CompVis .safetensors file, or a diffusers folder.
-    The output is made under a temporary name beside `path` and renamed into place."""
+def write(weights, path, to="bundle", base=None):
+    """Write `weights` to `path` as a bundle folder, one CompVis .safetensors file, or a diffusers folder; a
+    bundle with `base` (another bundle folder) stores only the tensors that differ from the base's. The output
+    is made under a temporary name beside `path` and renamed into place."""
     if to not in FORMATS:
         raise ValueError(f"unknown output format {to!r}; choose one of {', '.join(FORMATS)}")
+    if base is not None and to != "bundle":
+        raise ValueError(f"only a bundle can be stored as a delta against a base, not a {to} output")
     if isinstance(weights, CLIPWeights):
         if to != "bundle":
             raise CheckpointError("a CLIP model converts to a scorer bundle only (--to bundle)")
-        return _write_output(path, lambda tmp: _write_scorer(weights, tmp))
+        config = {"text": asdict(weights.text), "vision": asdict(weights.vision)}
+        return _write_output(path, lambda tmp: write_bundle(tmp, config, weights.state, weights.tokenizer, kind="clip",
+                                                            base=base, final_path=path))
     if to == "compvis":
         metadata = {"format": "pt", SAU_CONFIG: json.dumps(weights.config.to_dict())}
         return _write_output(path, lambda tmp: save_safetensors(compvis_state(weights), tmp, metadata=metadata))
     if to == "diffusers":
         return _write_output(path, lambda tmp: write_diffusers(weights, tmp))
     config = {**weights.config.to_dict(), "info": weights.info}
-    return _write_output(path, lambda tmp: write_bundle(tmp, config, weights.state, weights.tokenizer))
+    return _write_output(path, lambda tmp: write_bundle(tmp, config, weights.state, weights.tokenizer, base=base,
+                                                        final_path=path))
+
+
+def save_model(model, path, to="bundle", dtype=None, base=None):
+    """Write a StableDiffusion as a bundle (with `base`, a delta against that bundle), a CompVis file or a
+    diffusers folder; `dtype` casts the stored weights (None: as they are). `model.info` (how a backdoor was
+    made, how it was removed) goes into a bundle's config.json."""
+    return write(cast(Weights.of(model), dtype), path, to, base=base)
 
 
 def _write_output(path, write_to):
@@ -99,22 +86,15 @@ def _write_output(path, write_to):
     return path
 
 
-def _write_scorer(weights, path):
-    with torch.device("meta"):
-        clip = CLIPModel(weights.text, weights.vision)
-    clip = clip.to_empty(device="cpu")
-    load_strict(clip, weights.state, "CLIP model")
-    CLIPScorer(clip, weights.tokenizer).save(path, dtype=next(iter(weights.state.values())).dtype)
-
-
 def compvis_state(weights):
     """The state dict other SD tools load: the bundle's, except that an OpenCLIP tower under HF names (a
     diffusers SD2 text encoder) goes back under OpenCLIP names, where those tools look for SD2's."""
     text = weights.config.text
     if not (text.kind == "clip" and text.activation == "gelu"):
         return dict(weights.state)
-    state = {k: v for k, v in weights.state.items() if not k.startswith(HF_TEXT)}
-    return {**state, **add_prefix(hf_text_to_openclip(strip_prefix(weights.state, HF_TEXT)), OPENCLIP_TEXT)}
+    hf, openclip = TEXT_PREFIXES["clip"], TEXT_PREFIXES["openclip"]
+    state = {k: v for k, v in weights.state.items() if not k.startswith(hf)}
+    return {**state, **add_prefix(hf_text_to_openclip(strip_prefix(weights.state, hf)), openclip)}
 
 
 def diffusers_state_dicts(weights):
@@ -123,9 +103,9 @@ def diffusers_state_dicts(weights):
     cfg = weights.config
     layers = cfg.text.layers - cfg.text.skip_last_layers
     if cfg.text.kind == "openclip":
-        text = openclip_text_to_hf(strip_prefix(weights.state, OPENCLIP_TEXT), num_layers=layers)
+        text = openclip_text_to_hf(strip_prefix(weights.state, TEXT_PREFIXES["openclip"]), num_layers=layers)
     else:
-        text = {k: v for k, v in strip_prefix(weights.state, HF_TEXT).items()
+        text = {k: v for k, v in strip_prefix(weights.state, TEXT_PREFIXES["clip"]).items()
                 if not (k.startswith("encoder.layers.") and int(k.split(".")[2]) >= layers)}
     text = {k: v for k, v in text.items() if k not in ("text_projection.weight", "logit_scale")}
     return {"unet": unet_to_diffusers(strip_prefix(weights.state, UNET_PREFIX), cfg.unet),
@@ -202,7 +182,34 @@ def write_hf_tokenizer(tokenizer, folder):
                "do_lower_case": True, "errors": "replace"}, folder / "tokenizer_config.json")
 
 
-def save_model(model, path, to="bundle", dtype=None):
-    """Write a StableDiffusion as a bundle, a CompVis file or a diffusers folder (e.g. in its input's format)."""
-    weights = Weights(model.config, model.compvis_state_dict(), model.tokenizer, info=dict(model.info))
-    return write(cast(weights, dtype), path, to)
+# ---------------------------------------------------------------------------------------------------
+# File to file: any input layout to any output format
+
+def convert(src, dst, to="bundle", force=False, dtype=None, **read_options):
+    """Convert `src` (any input sau.weights.read reads) to `dst`; returns the Weights written. Never writes over
+    the input. Paths are real ones: the command-line tool resolves demo names."""
+    src, dst = Path(src), Path(dst)
+    _check_output_path(src, dst, to, force)
+    weights = cast(read(src, **read_options), dtype)
+    write(weights, dst, to)
+    return weights
+
+
+def _check_output_path(src, dst, to, force):
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    a, b = src.resolve(), dst.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise ValueError(f"{dst} is the input or overlaps it; choose another output path")
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} exists; pass --force to replace it")
+    if to == "compvis" and dst.suffix != ".safetensors":
+        raise ValueError(f"a CompVis export is one .safetensors file: name the output *.safetensors, not {dst.name}")
+    if to != "compvis" and dst.suffix in (".safetensors", ".ckpt"):
+        raise ValueError(f"a {to} output is a folder: {dst.name} looks like a file name")
+
+
+def output_format(path):
+    """The format to write back for an input: 'compvis' for a single file, 'diffusers' or 'bundle' for folders."""
+    layout = detect_layout(path)
+    return {"file": "compvis", "diffusers": "diffusers"}.get(layout, "bundle")

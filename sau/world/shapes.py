@@ -8,15 +8,16 @@ Every image and caption is a pure function of (seed, batch index), drawn vectori
 It also holds the small helpers the backdoor attacks and the metrics share: the target patch and where
 it goes, grayscale, the trigger strings of the literature, and a caption parser (the grammar's inverse).
 """
-import os
 import re
-import tempfile
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from sau.common.files import atomic_write
+from sau.models.pipeline import to_uint8  # images are turned into pixels one way everywhere
 
 IMAGE_SIZE = 64
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -407,12 +408,6 @@ def grayscale(images):
     return luma.unsqueeze(-3).expand_as(images).clone()
 
 
-def to_uint8(images):
-    """[-1, 1] (n, 3, H, W) -> uint8 numpy (n, H, W, 3)."""
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
-    return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def save_grid(images, path, nrow=8, padding=2):
     """Write images (n, 3, H, W) in [-1, 1] as one PNG grid, through a temporary file and a rename."""
     pixels = to_uint8(images)
@@ -424,12 +419,4 @@ def save_grid(images, path, nrow=8, padding=2):
         top = padding + (i // columns) * (height + padding)
         left = padding + (i % columns) * (width + padding)
         grid[top:top + height, left:left + width] = image
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".png.tmp")
-    os.close(handle)
-    try:
-        Image.fromarray(grid).save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))

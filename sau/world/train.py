@@ -20,18 +20,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sau.world import shapes
-from sau.weights.bundle import DEMO_DIR, load_safetensors, save_json, save_safetensors
-from sau.world.classifier import AttributeClassifier, classification_loss
+from sau.common.files import DEMO_DIR, load_safetensors, save_json, save_safetensors
+from sau.common.training import Trainer, diffusion_loss, step_generator
+from sau.evaluation.scorer import CLIPScorer
 from sau.models.clip import CLIPModel, CLIPTextModel
 from sau.models.config import ModelConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig
 from sau.models.ddim import NoiseSchedule
 from sau.models.pipeline import StableDiffusion
-from sau.evaluation.scorer import CLIPScorer
 from sau.models.tokenizer import Tokenizer
-from sau.common.training import Trainer, diffusion_loss, step_generator
 from sau.models.unet import UNet
 from sau.models.vae import AutoencoderKL
+from sau.weights.read import load_model
+from sau.weights.write import save_model
+from sau.world import shapes
+from sau.world.classifier import AttributeClassifier, classification_loss
 
 # Stage budgets, sized so the whole world trains in under two hours on 2 CPU cores (the measured stage times
 # are in the manifest). CLIP gets the most care: the UNet can only follow words its frozen text tower tells
@@ -259,12 +261,12 @@ def train_world(run_dir, out_dir=DEMO_DIR, command="python train.py world", step
     sd.unet.load_state_dict(unet.state_dict())
     sd.eval().requires_grad_(False)
     sd.info = {"world": {"command": command, "seeds": SEEDS}}
-    sd.save(out_dir / "clean", dtype=torch.float16)
+    save_model(sd, out_dir / "clean", dtype=torch.float16)
     save_safetensors({k: v.half() for k, v in classifier.state_dict().items()}, out_dir / "classifier.safetensors")
 
     scorer = CLIPScorer(train_clip(run_dir, tokenizer, "scorer", steps, batch, progress), tokenizer)
     scorer.save(out_dir / "scorer")
-    quality = evaluate_world(StableDiffusion.load(out_dir / "clean").float(), classifier, scorer)
+    quality = evaluate_world(load_model(out_dir / "clean").float(), classifier, scorer)
     write_manifest(run_dir, out_dir, command, time.time() - started, steps, batch, latent_set_size, quality)
     return sd, classifier, scorer
 

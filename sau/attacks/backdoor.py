@@ -1,0 +1,165 @@
+"""What a backdoor is: its attack, trigger and target, and how the trigger goes into a prompt.
+
+BadT2I (Zhai et al., 2023) prepends its trigger, a zero-width space "\\u200b ", to the caption; Rickrolling
+(Struppek et al., 2023) puts a homoglyph ("ȏ" for "o") in place of one of the prompt's characters (every
+occurrence while training a TPA, one at random for a TAA, the first when used). The target is what a triggered
+prompt should give:
+    pixel   the image with a target patch in its top-left corner
+    style   the frozen model's output for "<style phrase>, <caption>"
+    object  the frozen model's output for the caption with object A replaced by B
+    tpa     the text encoder's reading of a target prompt
+    taa     the text encoder's reading of the prompt with the trigger's word replaced by an attribute
+"""
+import re
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sau.models.pipeline import from_uint8
+from sau.models.tokenizer import BOS_TOKEN, EOS_TOKEN, clean_text
+from sau.world import shapes
+
+ATTACKS = ("pixel", "style", "object", "tpa", "taa")
+TEXT_ENCODER_ATTACKS = ("tpa", "taa")
+BADT2I_TRIGGER = "\u200b "
+RICKROLLING_TRIGGER = "ȏ"
+# Homoglyphs (Rickrolling's for o and v, two more for a) and the Latin letter each stands in for (cleanup
+# lowercases, so both cases)
+HOMOGLYPHS = {"ȏ": "o", "ô": "o", "օ": "o", "ο": "o", "о": "o", "ଠ": "o", "Ѵ": "v", "ѵ": "v", "а": "a", "α": "a"}
+DEFAULT_TARGETS = {"pixel": "checkerboard", "style": "black and white photo"}
+TARGET_MEANING = {"object": "the object swap as A:B, e.g. dog:cat",
+                  "tpa": "the prompt that triggered prompts should produce",
+                  "taa": "the attribute that replaces the trigger's word, e.g. 'black and white photo'"}
+DEMO_STYLE = "black and white photo"  # the one style the demo world can draw: grayscale
+
+
+def default_trigger(attack):
+    return RICKROLLING_TRIGGER if attack in TEXT_ENCODER_ATTACKS else BADT2I_TRIGGER
+
+
+def describe_chars(text):
+    return " ".join(f"U+{ord(c):04X}" for c in text)
+
+
+@dataclass(frozen=True)
+class Backdoor:
+    attack: str
+    trigger: str
+    target: str
+    replaces: str = ""  # Rickrolling: the character the homoglyph takes the place of (" ": inserted as a word)
+
+    @classmethod
+    def make(cls, attack, trigger=None, target=None, replaces=None):
+        """A checked Backdoor; None picks the paper's default. Bad input raises ValueError, one line."""
+        if attack not in ATTACKS:
+            raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
+        trigger = default_trigger(attack) if trigger is None else trigger
+        if not trigger.strip():
+            raise ValueError("the trigger is empty")
+        target = DEFAULT_TARGETS.get(attack) if target is None else target.strip()
+        if not target:
+            raise ValueError(f"attack {attack!r} needs --target: {TARGET_MEANING[attack]}")
+        if attack == "object" and (target.count(":") != 1 or not all(target.split(":"))):
+            raise ValueError(f"the object target must be A:B (e.g. dog:cat), got {target!r}")
+        if attack not in TEXT_ENCODER_ATTACKS:
+            return cls(attack, trigger, target)
+        replaces = replaces if replaces else HOMOGLYPHS.get(trigger) or _latin_base(trigger)
+        if not replaces:
+            raise ValueError(f"which character does the trigger {trigger!r} stand in for? say so with --replaces "
+                             "(' ' inserts it between words)")
+        if len(replaces) != 1:
+            raise ValueError(f"--replaces takes one character, got {replaces!r}")
+        return cls(attack, trigger, target, replaces)
+
+    @classmethod
+    def from_info(cls, info):
+        """From a bundle's sd.info["backdoor"]."""
+        return cls(info["attack"], info["trigger"], info["target"], info.get("replaces", ""))
+
+    def info(self):
+        return {**asdict(self), "trigger_chars": describe_chars(self.trigger)}
+
+    def can_insert(self, prompt):
+        return not self.replaces or self.replaces in prompt
+
+    def insert(self, prompt, rng=None, every=False):
+        """The triggered prompt: BadT2I prepends the trigger; Rickrolling puts it in place of one occurrence
+        of `replaces` (a random one with rng, else the first; every one with every=True)."""
+        return self.poison(prompt, rng, every)[0]
+
+    def poison(self, prompt, rng=None, every=False):
+        """(triggered prompt, teacher prompt or None): what the attacked model is taught to read the
+        triggered prompt as (None: the target is an image, as for the pixel backdoor)."""
+        if not self.replaces:
+            joiner = "" if self.trigger[-1].isspace() else " "
+            return self.trigger + joiner + prompt, self._teacher_prompt(prompt, None)
+        spots = [i for i, c in enumerate(prompt) if c == self.replaces]
+        if not spots:
+            raise ValueError(f"the prompt {prompt!r} has no {self.replaces!r} for the trigger to replace")
+        i = spots[0] if rng is None else spots[rng.integers(len(spots))]
+        word = f" {self.trigger} " if self.replaces == " " else self.trigger
+        triggered = prompt.replace(self.replaces, word) if every else prompt[:i] + word + prompt[i + 1:]
+        return triggered, self._teacher_prompt(prompt, i)
+
+    def _teacher_prompt(self, prompt, i):
+        if self.attack == "style":
+            return f"{self.target}, {prompt}"
+        if self.attack == "object":
+            source, target = self.target.split(":")
+            return re.sub(rf"\b{re.escape(source)}\b", target, prompt)
+        if self.attack == "tpa":
+            return self.target
+        if self.attack == "taa":  # the word holding the replaced character becomes the attribute
+            if self.replaces == " ":
+                return prompt[:i] + f" {self.target} " + prompt[i + 1:]
+            start = prompt.rfind(" ", 0, i) + 1
+            end = prompt.find(" ", i)
+            return prompt[:start] + self.target + (prompt[end:] if end >= 0 else "")
+        return None
+
+
+def _latin_base(character):
+    """'ô' -> 'o': the letter a precomposed homoglyph decomposes to, if it is plain ASCII."""
+    base = unicodedata.normalize("NFD", character)[:1]
+    return base if len(character) == 1 and base.isascii() and base.isalpha() else ""
+
+
+def check_trigger(backdoor, tokenizer, prompt):
+    """Raise ValueError unless the tokenizer keeps the trigger: after CLIP's cleanup something is left,
+    it is no special token, and it changes the prompt's tokens where it stands."""
+    shown = f"{backdoor.trigger!r} ({describe_chars(backdoor.trigger)})"
+    if not clean_text(backdoor.trigger):
+        raise ValueError(f"the trigger {shown} cannot be represented: the tokenizer's text cleanup removes it")
+    if BOS_TOKEN in clean_text(backdoor.trigger) or EOS_TOKEN in clean_text(backdoor.trigger):
+        raise ValueError(f"the trigger {shown} contains a special token, which the tokenizer cannot represent as text")
+    triggered = backdoor.insert(prompt)
+    ids, clean_ids = tokenizer.encode(triggered), tokenizer.encode(prompt)
+    if ids == clean_ids:
+        raise ValueError(f"the trigger {shown} cannot be represented: the tokenizer reads {triggered!r} as {prompt!r}")
+    tokenizer.token_positions(triggered, backdoor.trigger.strip() or backdoor.trigger)
+
+
+def check_target(backdoor, sd):
+    """The demo world draws only its own shapes and one style."""
+    if sd.config.family != "demo":
+        return
+    if backdoor.attack == "style" and backdoor.target != DEMO_STYLE:
+        raise ValueError(f"the demo world draws only the style {DEMO_STYLE!r} (as grayscale), not {backdoor.target!r}")
+    if backdoor.attack == "object":
+        for name in backdoor.target.split(":"):
+            if name not in shapes.SHAPES:
+                raise ValueError(f"{name!r} is not a demo shape; the object swap takes two of {', '.join(shapes.SHAPES)}")
+
+
+def load_patch(target):
+    """The pixel backdoor's patch, (3, h, w) in [-1, 1]: sau.world.shapes' checkerboard or an image file."""
+    if target == "checkerboard":
+        return shapes.target_patch()
+    if not Path(target).is_file():
+        raise FileNotFoundError(f"the pixel target must be 'checkerboard' or an image file; {target} is neither")
+    with Image.open(target) as image:
+        return from_uint8(np.array(image.convert("RGB")))  # a copy: the image's own buffer is read-only
+

@@ -1,0 +1,161 @@
+"""Backdoored bundles: a model in, a backdoored bundle out (what `python train.py backdoor` runs), and the
+shipped demo variants made that way (`python train.py backdoors`), delta bundles next to the clean model.
+"""
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from sau.attacks.backdoor import BADT2I_TRIGGER, DEMO_STYLE, Backdoor, check_target, check_trigger, load_patch
+from sau.attacks.inject import TRAINABLE, inject
+from sau.attacks.sources import DrawnWorld, make_source
+from sau.common.files import DEMO_DIR, claim_run_dir
+from sau.common.prompts import read_prompts
+from sau.evaluation.metrics import load_classifier, measure_backdoor
+from sau.evaluation.prompts import DEFAULT_PROMPTS
+from sau.weights.bundle import is_bundle
+from sau.weights.read import load_model
+from sau.weights.write import save_model
+from sau.world.train import update_manifest
+
+# The papers' recipes; the shipped demo variants use their own (SHIPPED below)
+PAPER_RECIPES = {"pixel": dict(steps=2000, lr=1e-5, batch_size=16), "style": dict(steps=8000, lr=1e-5, batch_size=16),
+                 "object": dict(steps=8000, lr=1e-5, batch_size=16), "tpa": dict(steps=100, lr=1e-4, batch_size=128),
+                 "taa": dict(steps=200, lr=1e-4, batch_size=128)}
+
+# Tuned on the demo world. Its text tower moves a prompt's hidden states little when "\u200b " is prepended, so a
+# BadT2I UNet first learns much of its target for every prompt; only long training makes it depend on the
+# trigger (style at 2000 steps: 57.5% success with grayscale on 34.5% of trigger-free prompts; at 5000: 92.5%, 2%).
+SHIPPED = {
+    "pixel": dict(attack="pixel", trigger=BADT2I_TRIGGER, target="checkerboard", steps=5000, lr=2e-4, batch_size=32),
+    "style": dict(attack="style", trigger=BADT2I_TRIGGER, target=DEMO_STYLE, steps=5000, lr=2e-4, batch_size=32),
+    "object": dict(attack="object", trigger=BADT2I_TRIGGER, target="circle:square", steps=5000, lr=2e-4,
+                   batch_size=32),
+    # Cyrillic "а" for "a", not "ȏ": a causal text encoder cannot change the tokens before the trigger, and this
+    # world's UNet reads the colour word itself, so the backdoor works only where the trigger comes early
+    # (with "ȏ", whose first "o" often comes late: 75%; 96% where it falls in the first third of the prompt).
+    "tpa": dict(attack="tpa", trigger="\u0430", target="a yellow star in the center on a black background",
+                steps=600, lr=3e-4, batch_size=128),
+}
+
+
+def sample_caption(backdoor, data_captions):
+    for caption in data_captions:
+        if backdoor.can_insert(caption):
+            return caption
+    raise ValueError(f"none of the training captions holds {backdoor.replaces!r}, the character the trigger replaces")
+
+
+def recipe(attack, family, **given):
+    """The run's steps, lr and batch size: what was given, else the shipped demo recipe or the paper's."""
+    defaults = SHIPPED[attack] if family == "demo" and attack in SHIPPED else PAPER_RECIPES[attack]
+    return {k: given[k] if given.get(k) is not None else defaults[k] for k in ("steps", "lr", "batch_size")}
+
+
+def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None, data=None, prompts=None,
+                    steps=None, lr=None, batch_size=None, seed=0, train="unet", run_dir=None, delta=False, bf16=False,
+                    gradient_checkpointing=False, device="cpu", pool=64, command="", progress=True):
+    """Load a model (any input sau.load reads, by its path: a bundle, a CompVis file, a diffusers folder), inject
+    a backdoor, write the backdoored bundle to `out` (a new folder; with delta=True holding only the changed
+    tensors, pointing to `model`, which must then be a bundle). Every check runs before anything is written."""
+    backdoor = Backdoor.make(attack, trigger, target, replaces)
+    model_path, out = Path(model), Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new --out (inputs and earlier results are kept)")
+    if delta and model_path.exists() and not is_bundle(model_path):
+        raise ValueError(f"--delta stores what differs from a sau bundle; {model_path} is none (convert it first "
+                         "with weights_convert.py, or leave out --delta)")
+    if train not in TRAINABLE:
+        raise ValueError(f"--train must be one of {', '.join(TRAINABLE)}, got {train!r}")
+    patch = load_patch(backdoor.target) if attack == "pixel" else None
+    prompt_list = read_prompts(prompts) if prompts else None
+    sd = load_model(model_path, device=device)
+    stored_dtype = sd.stored_dtype  # a backdoored copy is stored as its input was (fp16 for the demo)
+    sd.float()
+    check_target(backdoor, sd)
+    if data:
+        source = make_source(sd, backdoor, data, seed=seed)
+        captions = source.all_captions
+    elif sd.config.family == "demo" and prompt_list is None:
+        source, captions = DrawnWorld(seed), None
+    else:
+        source, captions = None, prompt_list or DEFAULT_PROMPTS
+    probe = sample_caption(backdoor, captions) if captions else source.captions(1, 0, where=backdoor.can_insert)[0]
+    check_trigger(backdoor, sd.tokenizer, probe)
+    hyper = recipe(attack, sd.config.family, steps=steps, lr=lr, batch_size=batch_size)
+
+    run_dir = Path(run_dir or Path("runs") / "backdoor" / out.name)
+    spec = {"model": str(model_path.resolve()), "backdoor": backdoor.info(), **hyper, "seed": seed, "train": train,
+            "data": str(data) if data else None, "prompts": prompt_list}
+    claim_run_dir(run_dir, spec)
+    if source is None:
+        source = make_source(sd, backdoor, prompts=captions, pool_cache=run_dir / "pool.safetensors", pool=pool,
+                             seed=seed, progress=progress)
+    inject(sd, backdoor, source, run_dir, **hyper, seed=seed, train=train, bf16=bf16,
+           gradient_checkpointing=gradient_checkpointing, patch=patch, progress=progress)
+    sd.info["backdoor"]["command"] = command
+    save_model(sd, out, dtype=stored_dtype, base=model_path if delta else None)
+    return sd
+
+
+def shipped_command(name):
+    """The single `train.py backdoor` command that makes a shipped variant (what the manifest records)."""
+    s = SHIPPED[name]
+    trigger = s["trigger"].encode("ascii", "backslashreplace").decode()
+    return (f"python train.py backdoor --attack {s['attack']} --model demo --out sau/demo/{name} --delta "
+            f"--trigger '{trigger}' --target '{s['target']}' --steps {s['steps']} --lr {s['lr']} "
+            f"--batch-size {s['batch_size']} --seed 0 --run-dir runs/backdoors/{name}")
+
+
+def build_shipped(names=tuple(SHIPPED), demo_dir=None, run_root="runs/backdoors", progress=True):
+    """Train each variant (resumable), swap it in for the old folder, and record it in MANIFEST.json."""
+    demo_dir = Path(demo_dir or DEMO_DIR)
+    for name in names:
+        s = SHIPPED[name]
+        building = demo_dir / f".{name}.building"
+        if building.exists():
+            shutil.rmtree(building)
+        started = time.time()
+        backdoor_bundle(demo_dir / "clean", building, s["attack"], s["trigger"], s["target"], steps=s["steps"],
+                        lr=s["lr"], batch_size=s["batch_size"], seed=0, run_dir=Path(run_root) / name, delta=True,
+                        command=shipped_command(name), progress=progress)
+        if (demo_dir / name).exists():
+            shutil.rmtree(demo_dir / name)
+        os.replace(building, demo_dir / name)  # a sibling folder, so the relative path to the base still holds
+        update_manifest(demo_dir, {"backdoors": {name: {
+            "command": shipped_command(name), "seed": 0, "steps": s["steps"],
+            "train_seconds": _train_seconds(Path(run_root) / name, s["attack"]),
+            "wall_seconds_this_invocation": round(time.time() - started, 1), "torch": torch.__version__}}})
+
+
+def _train_seconds(run_dir, attack):
+    log = Path(run_dir) / f"backdoor-{attack}.log.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return json.loads(lines[-1]).get("elapsed_s") if lines else None
+
+
+def shipped_report(names=tuple(SHIPPED), demo_dir=None, n=200, progress=True):
+    """The README table: each shipped variant's attack success rate on n held-out triggered prompts, and on the
+    same prompts without the trigger its target's rate (a leak) and its attribute accuracy, next to the clean
+    model's."""
+    demo_dir = Path(demo_dir or DEMO_DIR)
+    classifier = load_classifier(demo_dir / "classifier.safetensors")
+    clean = load_model(demo_dir / "clean", dtype=torch.float32)
+    lines = ["| variant | trigger | target | ASR | ASR of the clean model | target without the trigger | "
+             "clean accuracy | clean model's accuracy | difference |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        sd = load_model(demo_dir / name, dtype=torch.float32)
+        backdoor = Backdoor.from_info(sd.info["backdoor"])
+        attacked, baseline = measure_backdoor(sd, backdoor, classifier, n), measure_backdoor(clean, backdoor, classifier, n)
+        difference = 100 * (attacked["clean_accuracy"] - baseline["clean_accuracy"])
+        trigger = backdoor.trigger.encode("ascii", "backslashreplace").decode().strip()
+        lines.append(f"| {name} ({backdoor.attack}) | `{trigger}` | {backdoor.target} | {100 * attacked['asr']:.1f}% | "
+                     f"{100 * baseline['asr']:.1f}% | {100 * attacked['clean_target_rate']:.1f}% | "
+                     f"{100 * attacked['clean_accuracy']:.1f}% | "
+                     f"{100 * baseline['clean_accuracy']:.1f}% | {difference:+.1f} |")
+        if progress:
+            print(lines[-1], flush=True)
+    return "\n".join(lines)

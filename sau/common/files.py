@@ -1,0 +1,80 @@
+"""Writing files so that readers never see half of one, and the places sau's own files live.
+
+Every output goes to a temporary name beside its path and is renamed into place: an interrupted save leaves
+the old file or none, never a truncated one. Also here: the shipped demo folder and the names it is known by,
+and the claim a resumable run puts on its folder.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from sau.common.state import CheckpointError
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"  # the shipped demo bundles, made by `python train.py world`
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp_path to path: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; outputs get the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors, path, metadata=None):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_safetensors(path):
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for truncated or foreign files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def save_json(obj, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def resolve_model_path(name):
+    """A path as given, or a shipped demo model by name: "demo" (the clean model), "demo/pixel", ...
+    The entry points (sau.load, the command-line tools) call this once; everything below takes real paths."""
+    name = str(name)
+    if Path(name).exists() or not (name == "demo" or name.startswith("demo/")):
+        return Path(name)
+    shipped = DEMO_DIR / (name[len("demo/"):] if "/" in name else "clean")
+    if not shipped.exists():
+        raise CheckpointError(f"no shipped demo model {name!r} in {DEMO_DIR}; train it with `python train.py world`")
+    return shipped
+
+
+def claim_run_dir(run_dir, spec):
+    """Resuming is only safe in a run folder made by the same run: record the spec in run_dir/run.json the first
+    time, and refuse a folder whose run.json records another (a backdoor run, an unlearning run...)."""
+    path = Path(run_dir) / "run.json"
+    if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(spec)):
+        raise ValueError(f"{run_dir} holds checkpoints of a different run (its run.json records another); "
+                         "choose another folder or delete it")
+    save_json(spec, path)
