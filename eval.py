@@ -40,6 +40,8 @@ def main():
                    "then no longer shows the methods' defaults)")
     p.add_argument("--out", default=Comparison.out)
     p.add_argument("--device", type=cli.device, default="cpu")
+    p.add_argument("--dtype", choices=list(cli.DTYPES), help="compute precision (default: float32; a real model "
+                   "on a GPU: its stored precision)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets (see the README's Performance)")
     real_model = p.add_argument_group("a cleaned model against its original (any SD model)")

@@ -15,9 +15,9 @@ import time
 import numpy as np
 import torch
 
-from sau.world import shapes
 from sau.common.files import DEMO_DIR, load_safetensors
 from sau.common.state import load_strict
+from sau.world import shapes
 from sau.world.classifier import AttributeClassifier, attribute_accuracy
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,7 +22,10 @@ from tqdm import tqdm
 
 from sau import baselines, load
 from sau.attacks.backdoor import Backdoor
+from sau.common.cli import DTYPES
+from sau.common.files import DEMO_DIR, atomic_write, save_json
 from sau.common.prompts import read_prompts
+from sau.common.state import CheckpointError
 from sau.evaluation import metrics
 from sau.evaluation.prompts import builtin_prompts
 from sau.evaluation.report import _jsonable, bar_chart, markdown_table, percent
@@ -30,8 +33,6 @@ from sau.evaluation.scorer import CLIPScorer
 from sau.jobs.unlearn import Job
 from sau.method import collect, locate
 from sau.models.compile import compile_model
-from sau.common.files import DEMO_DIR, atomic_write, save_json
-from sau.common.state import CheckpointError
 from sau.weights.bundle import is_bundle
 
 SHIPPED_BACKDOORS = ("pixel", "style", "object", "tpa")
@@ -54,6 +55,8 @@ class Comparison:
     max_steps: int = None  # cap every method's optimizer steps (smoke tests)
     out: str = "runs/eval"
     device: str = "cpu"
+    dtype: str = None  # a name in sau.common.cli.DTYPES; None: float32 for the grid, and for a real model float32
+    # on a CPU (half-precision storage computes badly there) and its stored precision elsewhere
     progress: bool = True
     compile: bool = False  # torch.compile the UNets
     command: str = ""  # the command line, recorded with the results
@@ -150,7 +153,7 @@ def grid_rows(job, world, models, methods, bar):
     n = job.prompts_n or (QUICK_PROMPTS if job.quick else FULL_PROMPTS)
     rows = []
     for name, path in models.items():
-        suspect = load(path, device=job.device, dtype=torch.float32)
+        suspect = load(path, device=job.device, dtype=DTYPES[job.dtype or "float32"])
         if job.compile:  # no freezing: the methods train the weights and each run restores them
             compile_model(suspect.unet, freezing=False)
         pristine = {k: v.clone() for k, v in suspect.state_dict().items()}
@@ -234,7 +237,7 @@ def against_original(job):
     prompts = read_prompts(job.prompts)[:job.prompts_n or None]
     check_output(job.out, [job.model, job.original, job.clip, job.prompts])
     scorer = load_scorer(job.clip)
-    dtype = torch.float32 if job.device == "cpu" else None  # half-precision storage computes badly on CPUs
+    dtype = DTYPES[job.dtype] if job.dtype else torch.float32 if job.device == "cpu" else None
     original = load(job.original, device=job.device, dtype=dtype)
     cleaned = load(job.model, device=job.device, dtype=dtype)
     for model in (original, cleaned) if job.compile else ():

@@ -12,8 +12,8 @@ from sau.attacks import shipped as attacks
 from sau.evaluation.metrics import load_classifier
 from sau.evaluation.scorer import CLIPScorer
 from sau.models.compile import compile_model
-from sau.world import shapes
 from sau.weights.read import load_model
+from sau.world import shapes
 from sau.world.train import evaluate_world
 
 

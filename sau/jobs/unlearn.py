@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sau.attacks.backdoor import Backdoor
-from sau.common.files import DEMO_DIR, claim_run_dir, resolve_model_path
 from sau.common.cli import DTYPES
+from sau.common.files import DEMO_DIR, claim_run_dir, resolve_model_path
 from sau.evaluation import metrics
 from sau.evaluation.prompts import builtin_prompts
 from sau.evaluation.report import heatmap_figure, image_grid, percent, write_report
