@@ -369,17 +369,17 @@ def unlearn_unet(sd, collected, recipe, run_dir, seed=0, steps=None, inverted=No
     def loss_fn(step):
         batch = sample_batch(data, sd.schedule, recipe.batch_size, step_generator(seed, step))
         eps_triggered, l_attn = predict_with_attention(unet, batch, masks)
-        loss, logs = recipe.attention_weight * l_attn, {"attention": l_attn.item() if torch.is_tensor(l_attn) else 0.0}
-        if recipe.distill_weight or recipe.preserve_weight:
+        terms = {"attention": l_attn}
+        if recipe.distill_weight or recipe.preserve_weight:  # the frozen clean prediction at x_c serves both
             with torch.no_grad():
-                eps_clean_c = teacher(batch.x_c, batch.t_c, batch.pool_clean)  # shared by both terms
+                eps_clean_c = teacher(batch.x_c, batch.t_c, batch.pool_clean)
         if recipe.distill_weight:
-            l_distill = distillation(unet, teacher, batch, eps_triggered, eps_clean_c, recipe.negative_guidance)
-            loss, logs["distill"] = loss + recipe.distill_weight * l_distill, l_distill.item()
+            terms["distill"] = distillation(unet, teacher, batch, eps_triggered, eps_clean_c, recipe.negative_guidance)
         if recipe.preserve_weight:
-            l_preserve = preservation(unet, batch, eps_clean_c)
-            loss, logs["preserve"] = loss + recipe.preserve_weight * l_preserve, l_preserve.item()
-        return loss, logs
+            terms["preserve"] = preservation(unet, batch, eps_clean_c)
+        loss = (recipe.attention_weight * terms["attention"] + recipe.distill_weight * terms.get("distill", 0.0)
+                + recipe.preserve_weight * terms.get("preserve", 0.0))
+        return loss, {name: float(term.detach()) if torch.is_tensor(term) else term for name, term in terms.items()}
 
     trainer = Trainer("unlearn_unet", {"unet": unet}, params, steps or recipe.steps, run_dir, lr=recipe.lr,
                       grad_clip=1.0, save_every=100, warmup=0, min_lr_ratio=1.0 if recipe.constant_lr else 0.1)
