@@ -55,8 +55,7 @@ def test_help_works_and_names_dtypes_as_torch_does(tool, monkeypatch, capsys):
         runpy.run_path(str(ROOT / tool), run_name="__main__")
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and out.startswith("usage: ")
-    if tool != "eval.py":  # eval.py computes in float32 on CPUs and keeps the stored precision elsewhere
-        assert "--dtype {float32,bfloat16" in out
+    assert "--dtype {float32,bfloat16" in out
     assert not any(old in out for old in ("fp16", "bf16", "fp32", "--bf16")), out
 
 
