@@ -27,6 +27,12 @@ def main():
     p.add_argument("--lr", type=float)
     p.add_argument("--negative-guidance", type=float, metavar="ETA", help="how far past the clean prediction the "
                    "triggered prompt is distilled, away from the trigger's effect (default: the recipe's; 0: to it)")
+    p.add_argument("--attention-weight", type=float, metavar="A", help="a in the UNet's loss L = a*L_attn + "
+                   "b*L_distill + c*L_preserve (sau/method.py; default: the recipe's; 0 drops the term)")
+    p.add_argument("--distill-weight", type=float, metavar="B", help="b in that loss (default: the recipe's)")
+    p.add_argument("--preserve-weight", type=float, metavar="C", help="c in that loss (default: the recipe's)")
+    p.add_argument("--no-spatial-mask", dest="spatial_mask", action="store_const", const=False,
+                   help="M = ones: the attention term weighs every pixel alike (default: the recipe's mask)")
     p.add_argument("--out", default=Job.out, help="output folder (resumes when it holds checkpoints)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-prompts", type=int, default=Job.eval_prompts)
@@ -38,14 +44,11 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first calls compile; pays "
                    "off on long runs and GPUs, see the README's Performance section)")
     args = p.parse_args()
-    if args.trigger is not None and not decode_escapes(args.trigger).strip(" "):
-        cli.fail("the trigger is empty")
-    if args.negative_guidance is not None and not 0 <= args.negative_guidance < float("inf"):
-        cli.fail(f"--negative-guidance must be a finite number >= 0, not {args.negative_guidance}")
     job = Job(model=args.model, trigger=decode_escapes(args.trigger) if args.trigger is not None else None,
               replaces=args.replaces, prompts=read_prompts(args.prompts) if args.prompts else None,
               recipe=args.recipe, invert=args.invert, params=args.params, steps=args.steps, lr=args.lr,
-              negative_guidance=args.negative_guidance,
+              negative_guidance=args.negative_guidance, attention_weight=args.attention_weight,
+              distill_weight=args.distill_weight, preserve_weight=args.preserve_weight, spatial_mask=args.spatial_mask,
               where=args.where, out=args.out, seed=args.seed, eval_prompts=args.eval_prompts,
               export=args.export, device=args.device, dtype=args.dtype,
               gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)

@@ -226,3 +226,45 @@ def test_a_cleaned_model_against_its_original(world, tmp_path, monkeypatch, caps
     assert original["asr"] is not None  # the original records a pixel backdoor: its detector applies
     assert cleaned["frechet"] >= 0 and 0 < cleaned["clip_similarity"] <= 1 + 1e-6
     assert (tmp_path / "out" / "chart.png").exists() and "| cleaned |" in (tmp_path / "out" / "table.md").read_text()
+
+
+# --- the SAU ablation (eval.py --ablation) --------------------------------------------------------------------
+
+ABLATION = ["--ablation", "--models", "pixel", "--variants", "default,no-mask,no-attention", "--seeds", "2",
+            "--prompts-n", "4", "--collect-prompts", "4", "--sample-steps", "2", "--max-steps", "2", "--no-progress"]
+
+
+def test_ablation_writes_its_table_with_intervals_and_paired_tests_and_resumes(world, tmp_path, monkeypatch, capsys):
+    runs = []
+    for out in ("a", "b", "a"):  # the third run finds every cell of the first on disk
+        code, _, err = run_eval([*ABLATION, "--world", str(world), "--out", str(tmp_path / out)], monkeypatch,
+                                capsys)
+        assert code == 0, err
+        runs.append(json.loads((tmp_path / out / "ablation.json").read_text()))
+    rows = runs[0]["rows"]
+    assert [(r["split"], r["variant"]) for r in rows] == [(s, v) for s in ("test", "ood")
+                                                         for v in ("default", "no-mask", "no-attention")]
+    for r in rows:
+        assert len(r["asr_counts"]) == 2 and all(n == 4 for _, n in r["asr_counts"])  # per seed, 4 prompts
+        low, high = r["asr_ci"]
+        assert 0 <= low <= r["asr"] <= high <= 1
+        assert (r["p_vs_default"] is None) == (r["variant"] == "default")
+    cells = runs[0]["cells"]
+    assert cells["pixel--no-attention--0"]["recipe"]["attention_weight"] == 0.0
+    assert cells["pixel--no-mask--1"]["recipe"]["spatial_mask"] is False
+    assert runs[0]["rows"] == runs[1]["rows"] == runs[2]["rows"]  # same seeds, same table; resumed, the same
+    table = (tmp_path / "a" / "ablation.md").read_text()
+    assert "McNemar p vs default" in table and "no-attention" in table
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--variants", "default,no-softmax"], "unknown ablation term 'no-softmax'"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--splits", "tune"], "unknown split 'tune'"),
+    (["--methods", "uce"], "--methods does not apply to --ablation"),
+])
+def test_ablation_bad_input_is_one_line_and_writes_nothing(world, tmp_path, monkeypatch, capsys, extra, message):
+    code, _, err = run_eval(["--ablation", "--world", str(world), "--out", str(tmp_path / "out"), *extra],
+                            monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

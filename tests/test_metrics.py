@@ -1,4 +1,7 @@
-"""The attack-success detectors, validated on drawn images with and without each target (>= 98% right)."""
+"""The attack-success detectors, validated on drawn images with and without each target (>= 98% right); their
+continuous scores, the drift of unasked attributes, and what evaluate_defense reports beside its rates."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -170,3 +173,128 @@ def test_unknown_demo_words_are_refused():
         metrics.object_swapped(images, None, np.zeros((2, 5), int), ("circle", "hexagon"))
     with pytest.raises(ValueError, match="names none"):
         metrics.shows_prompt(images, None, "a photo of a dog")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Detector scores, unasked drift, and what evaluate_defense adds (per prompt outcomes, scores, drift)
+
+def test_detector_scores_are_the_continuous_side_of_the_detectors(drawn):
+    images = drawn[0][:16]
+    name, score = metrics.detector_score("pixel", shapes.paste_patch(images))
+    assert name == "patch_contrast"
+    torch.testing.assert_close(score, torch.ones(16), atol=1e-4, rtol=0)
+    name, score = metrics.detector_score("style", shapes.grayscale(images))
+    assert name == "colorfulness" and score.abs().max() < 1e-6
+    with pytest.raises(ValueError, match="needs the attribute classifier"):
+        metrics.detector_score("object", images, None, "circle:square")
+
+
+@needs_classifier
+def test_target_probability_scores_the_classifier_detectors(classifier):
+    squares, _ = drawn_with_shape(32, "square", 12)
+    circles, _ = drawn_with_shape(32, "circle", 13)
+    name, on_squares = metrics.detector_score("object", squares, classifier, "circle:square")
+    assert name == "target_probability" and on_squares.min() > 0.5
+    assert metrics.detector_score("object", circles, classifier, "circle:square")[1].max() < 0.5
+    stars = shapes.sample_attributes(32, 14)
+    stars.shape[:], stars.color[:] = shapes.SHAPES.index("star"), shapes.COLORS.index("yellow")
+    _, on_stars = metrics.detector_score("tpa", shapes.draw(stars), classifier, "a yellow star")
+    _, on_circles = metrics.detector_score("tpa", circles, classifier, "a yellow star")
+    assert on_stars.min() > 0.5 and on_circles.max() < 0.5
+    probabilities = metrics.field_probabilities(classifier, circles)
+    torch.testing.assert_close(probabilities["shape"].sum(1), torch.ones(32))
+    assert (probabilities["size"].argmax(1) == classifier.predict(circles)[:, 2]).all()
+
+
+class LabelReader:
+    """A stand-in classifier whose prediction is written in the image: pixel (0, 0) of channel 0 holds the
+    five labels in its first row, so drift can be checked against hand-counted histograms."""
+
+    def predict(self, images):
+        return images[:, 0, 0, :5].long()
+
+
+def label_images(labels):
+    images = torch.zeros(len(labels), 3, 4, 8)
+    images[:, 0, 0, :5] = torch.as_tensor(labels, dtype=torch.float32)
+    return images
+
+
+def test_unasked_drift_is_tvd_of_predicted_labels_over_the_unasked_fields():
+    #        shape color size position background
+    asked = [[0, 1, -1, -1, 2],
+             [0, 1, -1, 4, 2],
+             [1, 2, -1, -1, 2],
+             [1, 2, -1, 4, 2]]
+    before = label_images([[0, 1, 0, 4, 2], [0, 1, 0, 4, 2], [1, 2, 0, 0, 2], [1, 2, 1, 4, 2]])
+    after = label_images([[0, 1, 0, 0, 1], [0, 1, 1, 4, 1], [1, 2, 1, 4, 1], [1, 2, 1, 8, 1]])
+    drift = metrics.unasked_drift(LabelReader(), np.array(asked), before, after)
+    assert set(drift["fields"]) == {"size", "position"}  # background and shape/color were asked everywhere
+    size = drift["fields"]["size"]  # before (3 small, 1 large), after (1 small, 3 large): half of it moved
+    assert size == {"tvd": pytest.approx(0.5), "flip_rate": pytest.approx(0.5), "images": 4}
+    position = drift["fields"]["position"]  # rows 0 and 2: {4, 0} -> {0, 4}: the same histogram, both moved
+    assert position == {"tvd": pytest.approx(0.0), "flip_rate": pytest.approx(1.0), "images": 2}
+    assert drift["tvd"] == pytest.approx(0.25) and drift["flip_rate"] == pytest.approx(0.75)
+    nothing_free = metrics.unasked_drift(LabelReader(), np.zeros((4, 5), int), before, after)
+    assert nothing_free == {"tvd": None, "flip_rate": None, "fields": {}}
+
+
+@needs_classifier
+def test_unasked_drift_sees_an_unasked_shape_moving(classifier):
+    attributes = shapes.sample_attributes(120, 15)
+    asked = attributes.labels().copy()
+    asked[:, shapes.FIELDS.index("position")] = -1  # the prompts left position free
+    moved = replace(attributes, position=(attributes.position + 1) % 9)
+    drift = metrics.unasked_drift(classifier, asked, shapes.draw(attributes), shapes.draw(moved))
+    assert set(drift["fields"]) == {"position"}
+    assert drift["fields"]["position"]["flip_rate"] >= 0.95
+    same = metrics.unasked_drift(classifier, asked, shapes.draw(attributes), shapes.draw(attributes))
+    assert same["tvd"] == 0 and same["flip_rate"] == 0
+
+
+class Drawer:
+    """A stand-in text-to-image model for evaluate_defense: draws what each prompt asks for (the rest from the
+    seed) and pastes the pixel backdoor's patch into triggered prompts of even seeds. `move` draws every
+    position the prompt left free one cell on."""
+
+    def __init__(self, trigger, move=False):
+        self.trigger, self.move = trigger, move
+
+    def generate(self, prompts, seeds, **kwargs):
+        asked = shapes.parse_captions(prompts).labels()
+        free = np.concatenate([shapes.sample_attributes(1, seed).labels() for seed in seeds])
+        if self.move:
+            free[:, 3] = (free[:, 3] + 1) % 9
+        labels = np.where(asked >= 0, asked, free)
+        images = shapes.draw(shapes.Attributes(*labels.T.copy()))
+        fire = torch.tensor([self.trigger in p and s % 2 == 0 for p, s in zip(prompts, seeds)])
+        return torch.where(fire[:, None, None, None], shapes.paste_patch(images), images)
+
+
+@needs_classifier
+def test_evaluate_defense_adds_per_prompt_outcomes_scores_and_drift(classifier):
+    backdoor = Backdoor.make("pixel")
+    prompts, asked = metrics.attack_prompts(backdoor, 24)
+    suspect = Drawer(backdoor.trigger)
+    result, triggered, clean = metrics.evaluate_defense(suspect, backdoor, prompts, asked, classifier, steps=1)
+    # the keys that were there keep their values: each is the same computation as before
+    assert result["asr"] == metrics.patch_present(triggered).float().mean().item() == 0.5
+    assert result["clean_target_rate"] == metrics.patch_present(clean).float().mean().item() == 0
+    assert result["clean_accuracy"] == metrics.mean_attribute_accuracy(clean, classifier, asked)
+    per_prompt = result["per_prompt"]
+    assert per_prompt["triggered_target"] == [i % 2 == 0 for i in range(24)]
+    assert per_prompt["clean_target"] == [False] * 24
+    assert result["score_name"] == "patch_contrast"
+    assert result["triggered_score"] == pytest.approx(np.mean(per_prompt["triggered_score"]), abs=1e-6)
+    assert result["triggered_score"] == pytest.approx(0.5, abs=0.05) and abs(result["clean_score"]) < 0.05
+    assert "unasked_drift_tvd" not in result  # no original model's images to drift from
+
+    same, _, _ = metrics.evaluate_defense(suspect, backdoor, prompts, asked, classifier, original=clean, steps=1)
+    assert same["unasked_drift_tvd"] == 0 and same["unasked_flip_rate"] == 0
+    moved, _, _ = metrics.evaluate_defense(Drawer(backdoor.trigger, move=True), backdoor, prompts, asked,
+                                           classifier, original=clean, steps=1)
+    free = int((asked.position < 0).sum())
+    assert free > 0 and moved["unasked_drift"]["position"]["images"] == free
+    assert moved["unasked_drift"]["position"]["flip_rate"] >= 0.9
+    assert moved["unasked_drift"]["size"]["flip_rate"] <= 0.1  # size did not move
+    assert moved["asr"] == result["asr"] and moved["per_prompt"]["triggered_target"] == per_prompt["triggered_target"]

@@ -168,9 +168,12 @@ def test_a_short_run_on_the_shipped_pixel_backdoor_removes_most_of_it(tmp_path):
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
     assert (tmp_path / "out" / "heatmaps.png").exists() and (tmp_path / "out" / "images.png").exists()
     # the same numbers as the code measured before its restructure into packages (a reorganisation changes no
-    # result); a CPU whose float rounding differs may move the last digits, not the counts
+    # result); a CPU whose float rounding differs may move the last digits, not the counts. Measures added to
+    # the report since (before/after keys the recording lacks) are not compared
     recorded = json.loads((ROOT / "tests" / "data" / "short_pixel_run.json").read_text())
-    for key in ("before", "after", "text_encoder_shift", "layer_mass_before", "layer_mass_after"):
+    for key in ("before", "after"):
+        assert {k: report[key][k] for k in recorded[key]} == pytest.approx(recorded[key], rel=1e-3), key
+    for key in ("text_encoder_shift", "layer_mass_before", "layer_mass_after"):
         assert report[key] == pytest.approx(recorded[key], rel=1e-3), key
     assert report["optimizer_steps"] == recorded["optimizer_steps"]
 

@@ -3,8 +3,11 @@
 Sections:
     attack-success detectors   one yes/no per image for each backdoor target (patch, grayscale, object swap,
                                target prompt), each validated on drawn images in tests/test_metrics.py
+    detector scores            the continuous score behind each yes/no (patch contrast, colorfulness, the
+                               classifier's probability of the target), reported beside every rate
     backdoor evaluation        attack success rate and clean attribute accuracy on held-out demo prompts
-    clean fidelity             CLIP score, CLIP image similarity to the original model, Frechet distance
+    clean fidelity             CLIP score, CLIP image similarity to the original model, Frechet distance, and the
+                               drift of the attributes a prompt did not ask for
     defense evaluation         every measure above for one model, the same way for every removal method
     cost                       wall time and peak memory
 
@@ -18,7 +21,7 @@ import torch
 from sau.common.files import DEMO_DIR, load_safetensors
 from sau.common.state import load_strict
 from sau.world import shapes
-from sau.world.classifier import AttributeClassifier, attribute_accuracy
+from sau.world.classifier import HEADS, AttributeClassifier, attribute_accuracy
 
 # ----------------------------------------------------------------------------------------------------
 # Attack-success detectors
@@ -137,6 +140,54 @@ def attack_success(attack, images, classifier=None, asked=None, target=None):
     raise ValueError(f"no detector for attack {attack!r}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Detector scores: the continuous quantity each yes/no thresholds (or, for the classifier's detectors, its
+# probability of the target), so a rate can be read beside how close the images came to the threshold
+
+@torch.no_grad()
+def field_probabilities(classifier, images, fields=shapes.FIELDS, batch_size=256):
+    """{field: (n, classes) softmax of the classifier's head}, on CPU. Chunks go to the classifier's device."""
+    device = next(classifier.parameters()).device
+    out = {field: [] for field in fields}
+    for chunk in images.split(batch_size):
+        logits = classifier(chunk.float().to(device))
+        for field in fields:
+            out[field].append(logits[field].softmax(-1).cpu())
+    return {field: torch.cat(parts) for field, parts in out.items()}
+
+
+def target_probability(images, classifier, wanted):
+    """Per image, the classifier's probability of everything in `wanted` ({field: label}), the heads taken as
+    independent: the product of each field's probability of its label."""
+    probabilities = field_probabilities(classifier, images, tuple(wanted))
+    score = torch.ones(len(images))
+    for field, label in wanted.items():
+        score *= probabilities[field][:, label]
+    return score
+
+
+def detector_score(attack, images, classifier=None, target=None):
+    """(name, per-image float tensor): the continuous score behind attack_success's yes/no.
+    pixel    patch_contrast: the share of the checkerboard's contrast in the corner (1 pasted, 0 plain); the
+             contrast rather than the correlation, since a plain corner's ripple can correlate by chance
+    style    colorfulness: the chroma of the most colored pixels (low = grayscale, the target)
+    object   target_probability: the classifier's probability that the image shows the swap's target shape
+    tpa/taa  target_probability: its probability of the target prompt's shape and color together."""
+    if attack == "pixel":
+        return "patch_contrast", patch_contrast(images)
+    if attack == "style":
+        return "colorfulness", colorfulness(images)
+    if classifier is None:
+        raise ValueError(f"scoring the {attack!r} backdoor needs the attribute classifier")
+    if attack == "object":
+        swapped_to = _label("shape", target.split(":")[1])
+        return "target_probability", target_probability(images, classifier, {"shape": swapped_to})
+    if attack in ("tpa", "taa"):
+        wanted = {f: label for f, label in shapes.parse_caption(target).items() if f in ("shape", "color")}
+        return "target_probability", target_probability(images, classifier, wanted)
+    raise ValueError(f"no detector for attack {attack!r}")
+
+
 def load_classifier(path=DEMO_DIR / "classifier.safetensors", device="cpu"):
     """The demo world's attribute classifier (stored in fp16), in float32 and eval mode."""
     model = AttributeClassifier()
@@ -225,6 +276,39 @@ def drawn_references(asked, seed=EVAL_SEED):
     return shapes.draw(shapes.Attributes(*labels.T.copy(), jitter=drawn.jitter))
 
 
+def unasked_drift(classifier, asked, original, images):
+    """How far the attributes a prompt did NOT ask for moved between the original (suspect) model's clean images
+    and another model's (same prompts, same seeds): per field left free by some prompt (-1 in `asked`; in the
+    demo grammar size, position and background), over the images whose prompt left it free,
+    tvd         total variation distance between the two models' distributions of the classifier's predicted
+                label: half the L1 distance of the two label histograms, in [0, 1]
+    flip_rate   the share of those images whose predicted label changed: paired image by image, so it also sees
+                swaps that leave the histogram unchanged (tvd <= flip_rate always: a coupling bound)
+    images      how many images the field was free in.
+    Returns {"tvd": mean over fields, "flip_rate": mean over fields, "fields": {field: ...}}, the means None when
+    every prompt asked for everything.
+
+    Predicted labels (argmax) rather than mean softmax vectors: the question is what is drawn, judged as
+    clean accuracy judges it, and a softmax mean would also move when only the classifier's confidence does
+    (a slightly blurrier image of the same triangle in the same place) and so report drift of the
+    classifier's certainty rather than of the picture."""
+    labels = torch.as_tensor(asked.labels() if isinstance(asked, shapes.Attributes) else asked)
+    before, after = classifier.predict(original).cpu(), classifier.predict(images).cpu()
+    fields = {}
+    for i, field in enumerate(shapes.FIELDS):
+        free = labels[:, i] < 0
+        if not free.any():
+            continue
+        classes = HEADS[field]
+        p = torch.bincount(before[free, i], minlength=classes).double() / free.sum()
+        q = torch.bincount(after[free, i], minlength=classes).double() / free.sum()
+        fields[field] = {"tvd": 0.5 * (p - q).abs().sum().item(),
+                         "flip_rate": (before[free, i] != after[free, i]).double().mean().item(),
+                         "images": int(free.sum())}
+    mean = lambda key: sum(f[key] for f in fields.values()) / len(fields) if fields else None
+    return {"tvd": mean("tvd"), "flip_rate": mean("flip_rate"), "fields": fields}
+
+
 def clean_fidelity(scorer, images, prompts, original=None, references=None):
     """How well clean prompts are still served, all from the scorer's CLIP features:
     clip_score         mean 100 * max(cos, 0) between each image and its prompt
@@ -251,21 +335,43 @@ def evaluate_defense(sd, backdoor, prompts, asked=None, classifier=None, scorer=
     clean_accuracy      attribute accuracy of the clean images (demo world: given `asked` and the classifier)
     trigger_effect      mean 1 - cos between a triggered image and its clean twin: what the trigger changes,
                         a target-free measure that also works when no detector does (needs the scorer)
+    score_name, triggered_score, clean_score
+                        the detector's continuous score (detector_score) averaged over the triggered and the
+                        clean images: how far past (or short of) the threshold the images sit
+    unasked_drift_tvd, unasked_flip_rate, unasked_drift
+                        drift of the attributes the prompts did not ask for, against the `original` model's clean
+                        images (unasked_drift; given `original`, `asked` and the classifier)
+    per_prompt          when a detector applies: per prompt, whether the target showed with and without the
+                        trigger and the two scores, in prompt order, for paired tests across methods and
+                        bootstrap intervals over prompts (sau.evaluation.statistics)
     and clean_fidelity's measures on the clean images. Returns (result, triggered images, clean images)."""
     seeds = list(range(len(prompts)))
     kwargs = dict(steps=steps, guidance_scale=guidance)
     triggered = generate_batched(sd, [backdoor.insert(p) for p in prompts], seeds, **kwargs)
     clean = generate_batched(sd, list(prompts), seeds, **kwargs)
-    result = {"asr": None}
+    result, per_prompt = {"asr": None}, None
     if has_detector(backdoor, classifier, asked):
         success = lambda images: attack_success(backdoor.attack, images, classifier, asked, backdoor.target)
-        result["asr"] = success(triggered).float().mean().item()
-        result["clean_target_rate"] = success(clean).float().mean().item()
+        hits_triggered, hits_clean = success(triggered), success(clean)
+        result["asr"] = hits_triggered.float().mean().item()
+        result["clean_target_rate"] = hits_clean.float().mean().item()
+        name, score_triggered = detector_score(backdoor.attack, triggered, classifier, backdoor.target)
+        _, score_clean = detector_score(backdoor.attack, clean, classifier, backdoor.target)
+        result.update(score_name=name, triggered_score=score_triggered.mean().item(),
+                      clean_score=score_clean.mean().item())
+        per_prompt = {"triggered_target": hits_triggered.tolist(), "clean_target": hits_clean.tolist(),
+                      "triggered_score": score_triggered.tolist(), "clean_score": score_clean.tolist()}
     if classifier is not None and asked is not None:
         result["clean_accuracy"] = mean_attribute_accuracy(clean, classifier, asked)
+        if original is not None:
+            drift = unasked_drift(classifier, asked, original, clean)
+            result.update(unasked_drift_tvd=drift["tvd"], unasked_flip_rate=drift["flip_rate"],
+                          unasked_drift=drift["fields"])
     if scorer is not None:
         result["trigger_effect"] = 1 - scorer.image_similarity(triggered, clean).mean().item()
         result.update(clean_fidelity(scorer, clean, prompts, original, references))
+    if per_prompt is not None:  # last: the long lists after the summary numbers in results.json
+        result["per_prompt"] = per_prompt
     return result, triggered, clean
 
 

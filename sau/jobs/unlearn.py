@@ -7,6 +7,7 @@
       heatmaps.png           the trigger tokens' cross-attention per resolution, before and after
       checkpoints/           resumable training state
 """
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +38,10 @@ class Job:
     steps: int = None
     lr: float = None
     negative_guidance: float = None  # override the recipe's eta (0: distil to the clean prediction itself)
+    attention_weight: float = None  # override the recipe's a, b, c in L = a*L_attn + b*L_distill + c*L_preserve
+    distill_weight: float = None
+    preserve_weight: float = None
+    spatial_mask: bool = None  # override the recipe's M (False: M = ones)
     where: str = "auto"  # auto | unet | text_encoder
     out: str = "runs/unlearn"
     seed: int = 0
@@ -50,6 +55,28 @@ class Job:
     export: bool = False  # also write the cleaned model in the input's own format (single file / diffusers folder)
     world: str = None  # the demo world's measuring models (classifier.safetensors, scorer/); None: the shipped ones
     compile: bool = False  # torch.compile the UNet (sau/models/compile.py)
+
+    def check(self):
+        """Bad input, found before anything is loaded or written: a ValueError naming the flag."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose {', '.join(RECIPES)}")
+        if self.trigger is not None and not self.trigger.strip(" "):
+            raise ValueError("the trigger is empty")
+        for flag, value in [("--steps", self.steps), ("--eval-prompts", self.eval_prompts)]:
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be at least 1, not {value}")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ValueError(f"--lr must be a finite number > 0, not {self.lr}")
+        weights = {"--negative-guidance": self.negative_guidance, "--attention-weight": self.attention_weight,
+                   "--distill-weight": self.distill_weight, "--preserve-weight": self.preserve_weight}
+        for flag, value in weights.items():
+            if value is not None and not 0 <= value < math.inf:  # nan fails both comparisons
+                raise ValueError(f"{flag} must be a finite number >= 0, not {value}")
+        recipe = job_recipe(self)
+        if not (recipe.attention_weight or recipe.distill_weight or recipe.preserve_weight):
+            raise ValueError(f"nothing to train: the {recipe.name} recipe's attention, distill and preserve weights "
+                             "are all 0 as given; set one of --attention-weight, --distill-weight, "
+                             "--preserve-weight above 0")
 
 
 def say(message):
@@ -97,6 +124,7 @@ def evaluate(sd, backdoor, classifier, n, steps, reference=None, scorer=None):
 
 def run(job: Job):
     """Stages 1-5 (sau.method.remove_backdoor) between a measurement before and after (6, verify and write)."""
+    job.check()
     started = time.time()
     out = Path(job.out)
     source = resolve_model_path(job.model)
@@ -150,13 +178,16 @@ def run(job: Job):
     return report
 
 
+# The Job fields that override the Recipe field of the same name.
+OVERRIDES = ("params", "lr", "negative_guidance", "attention_weight", "distill_weight", "preserve_weight",
+             "spatial_mask")
+
+
 def job_recipe(job):
-    """The job's recipe with its overrides."""
-    recipe = RECIPES[job.recipe]
-    recipe = replace(recipe, params=job.params or recipe.params, lr=job.lr or recipe.lr)
-    if job.negative_guidance is not None:  # 0 is a value here, not "unset"
-        recipe = replace(recipe, negative_guidance=job.negative_guidance)
-    return recipe
+    """The job's recipe with its overrides: a field left None keeps the recipe's value (0 is a value, not
+    "unset"); with none given, the recipe is RECIPES[job.recipe] itself."""
+    overrides = {name: getattr(job, name) for name in OVERRIDES if getattr(job, name) is not None}
+    return replace(RECIPES[job.recipe], **overrides)
 
 
 def tell(stage, value, sd, backdoor, where):

@@ -1,0 +1,220 @@
+"""SAU's ablation (`python eval.py --ablation`): which of the method's parts change the outcome.
+
+Each variant is the `default` recipe with one part switched off, at equal steps, unlearned with several seeds
+(the seed draws the collection prompts, the pool and every batch) on every demo backdoor, and measured on the
+reported splits (`test`, `ood`; sau/evaluation/splits.py). Attention on/off x mask on/off x eta {0, 1} has six
+distinct cells, not eight: without the attention term there is no mask to switch. `invert` is the default recipe
+after the trigger's inversion, the reconstruction of the paper's "latent space manipulation". Names:
+no-mask (M = ones), no-attention (a = 0), eta0 (the distillation target is the clean prediction itself), and
+their combinations.
+
+    out/
+      cells/BACKDOOR--VARIANT--SEED.json   one unlearning, measured; a rerun skips the cells already there
+      ablation.md, ablation.json           rates pooled over seeds with 95% Wilson intervals, the per-seed
+                                           counts, and exact McNemar tests of each variant against `default`
+"""
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from sau import load
+from sau.attacks.backdoor import Backdoor
+from sau.common.cli import DTYPES
+from sau.common.files import DEMO_DIR, atomic_write, save_json
+from sau.evaluation import metrics
+from sau.evaluation.prompts import builtin_prompts
+from sau.evaluation.report import _jsonable, markdown_table, percent
+from sau.evaluation.splits import split_prompts
+from sau.evaluation.statistics import mcnemar_exact, wilson_interval
+from sau.jobs.compare import check_output, default_models, machine, resolve_backdoored
+from sau.method import RECIPES, remove_backdoor
+
+# name -> (recipe overrides, invert first)
+VARIANTS = {
+    "default": ({}, False),
+    "no-mask": ({"spatial_mask": False}, False),
+    "no-attention": ({"attention_weight": 0.0, "spatial_mask": False}, False),
+    "eta0": ({"negative_guidance": 0.0}, False),
+    "no-mask-eta0": ({"spatial_mask": False, "negative_guidance": 0.0}, False),
+    "no-attention-eta0": ({"attention_weight": 0.0, "spatial_mask": False, "negative_guidance": 0.0}, False),
+    "invert": ({}, True),
+}
+# The text-encoder route (Rickrolling) has none of these parts: only `default` runs there.
+TEXT_ROUTE_VARIANTS = ("default",)
+
+
+@dataclass
+class Ablation:
+    world: str = str(DEMO_DIR)
+    models: list = None  # backdoor names in `world`; None: every one its manifest lists
+    variants: list = field(default_factory=lambda: list(VARIANTS))
+    seeds: int = 3  # unlearning seeds 0..seeds-1
+    splits: list = field(default_factory=lambda: ["test", "ood"])
+    prompts_n: int = 200  # prompts per split and backdoor
+    collect_prompts: int = 64
+    sample_steps: int = metrics.EVAL_STEPS
+    max_steps: int = None  # cap the unlearning steps (smoke tests; the table then says so)
+    out: str = "runs/ablation"
+    device: str = "cpu"
+    dtype: str = "float32"
+    progress: bool = True
+    command: str = ""
+
+
+def run(job: Ablation):
+    """Every (backdoor, variant, seed) cell, then the table. Returns the table's rows."""
+    check(job)
+    world = Path(job.world)
+    names = job.models or default_models(world)
+    paths = {name: resolve_backdoored(world, name) for name in names}
+    check_output(job.out, [world, *paths.values()])
+    classifier = metrics.load_classifier(world / "classifier.safetensors", job.device)
+    cells = [(name, variant, seed) for name in names for variant in job.variants for seed in range(job.seeds)]
+    bar = tqdm(total=len(cells), desc="ablation", disable=not job.progress, dynamic_ncols=True)
+    results, suspects = {}, {}
+    for name, variant, seed in cells:
+        path = Path(job.out) / "cells" / f"{name}--{variant}--{seed}.json"
+        if not path.is_file():
+            if name not in suspects:
+                suspects[name] = measure_suspect(job, paths[name], classifier)
+            cell = run_cell(job, paths[name], suspects[name], variant, seed, classifier)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_json(_jsonable(cell), path)
+        results[name, variant, seed] = json.loads(path.read_text())
+        bar.update(1)
+    bar.close()
+    rows = table_rows(job, names, results)
+    write_outputs(job, rows, results)
+    return rows
+
+
+def check(job):
+    unknown = [v for v in job.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown ablation term {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    if "default" not in job.variants:
+        raise ValueError("the ablation compares every variant with 'default': include it")
+    if job.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, not {job.seeds}")
+    if job.prompts_n < 2:
+        raise ValueError(f"--prompts-n must be at least 2, not {job.prompts_n}")
+    for split in job.splits:
+        if split not in ("test", "ood"):
+            raise ValueError(f"unknown split {split!r} for reporting; choose test or ood (tune is for tuning)")
+
+
+# --- one cell -------------------------------------------------------------------------------------------------------
+
+def measure_suspect(job, path, classifier):
+    """The backdoored model on each split: its rates, and its clean images (the reference for drift)."""
+    sd = load(path, device=job.device, dtype=DTYPES[job.dtype])
+    backdoor = Backdoor.from_info(sd.info["backdoor"])
+    measured = {}
+    for split in job.splits:
+        prompts = split_prompts(split, backdoor, job.prompts_n)  # its own trigger placements (ood)
+        result, _, clean_images = metrics.evaluate_defense(sd, prompts.placed(backdoor), prompts.clean, prompts.asked,
+                                                           classifier, steps=job.sample_steps)
+        measured[split] = {"result": result, "clean_images": clean_images}
+    return measured
+
+
+def run_cell(job, path, suspect, variant, seed, classifier):
+    """Unlearn the backdoor with one variant and seed, and measure it on every split."""
+    overrides, invert = VARIANTS[variant]
+    sd = load(path, device=job.device, dtype=DTYPES[job.dtype])
+    backdoor = Backdoor.from_info(sd.info["backdoor"])
+    recipe = replace(RECIPES["default"], **overrides)
+    if job.max_steps:
+        recipe = replace(recipe, steps=min(recipe.steps, job.max_steps),
+                         text_steps=min(recipe.text_steps, job.max_steps))
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="ablation-") as run_dir:
+        removal = remove_backdoor(sd, backdoor, builtin_prompts(sd, job.collect_prompts, seed), recipe, run_dir,
+                                  invert=invert, seed=seed, steps=recipe.steps if invert else None,
+                                  sample_steps=job.sample_steps, progress=False)
+    cell = {"backdoor": backdoor.info(), "variant": variant, "seed": seed, "site": removal.site,
+            "recipe": vars(recipe), "invert": invert, "optimizer_steps": removal.trainer.steps,
+            "seconds": time.time() - started, "splits": {}}
+    for split in job.splits:
+        prompts = split_prompts(split, backdoor, job.prompts_n)
+        result, _, _ = metrics.evaluate_defense(sd, prompts.placed(backdoor), prompts.clean, prompts.asked,
+                                                classifier, original=suspect[split]["clean_images"],
+                                                steps=job.sample_steps)
+        cell["splits"][split] = result
+    return cell
+
+
+# --- the table ------------------------------------------------------------------------------------------------------
+
+def pooled(cells, split, key):
+    """Per-seed (successes, trials) of a per-prompt outcome list, and their pooled Wilson interval."""
+    counts = [(sum(c["splits"][split]["per_prompt"][key]), len(c["splits"][split]["per_prompt"][key]))
+              for c in cells]
+    k, n = sum(s for s, _ in counts), sum(t for _, t in counts)
+    return counts, k / n, wilson_interval(k, n)
+
+
+def paired_p(cells, reference, split, key):
+    """Exact McNemar p of a variant against `default`, paired on the same prompts and seeds."""
+    only_variant = only_reference = 0
+    for cell, ref in zip(cells, reference):
+        for a, b in zip(cell["splits"][split]["per_prompt"][key], ref["splits"][split]["per_prompt"][key]):
+            only_variant += a and not b
+            only_reference += b and not a
+    return mcnemar_exact(only_variant, only_reference)
+
+
+def table_rows(job, names, results):
+    rows = []
+    for name in names:
+        for split in job.splits:
+            reference = [results[name, "default", s] for s in range(job.seeds)]
+            for variant in job.variants:
+                cells = [results[name, variant, s] for s in range(job.seeds)]
+                if variant not in TEXT_ROUTE_VARIANTS and cells[0]["site"] == "text_encoder":
+                    continue
+                counts, rate, interval = pooled(cells, split, "triggered_target")
+                rows.append({"backdoor": name, "split": split, "variant": variant, "asr": rate, "asr_ci": interval,
+                             "asr_counts": counts,
+                             "p_vs_default": None if variant == "default" else
+                             paired_p(cells, reference, split, "triggered_target"),
+                             "clean_accuracy": mean(c["splits"][split].get("clean_accuracy") for c in cells),
+                             "unasked_drift_tvd": mean(c["splits"][split].get("unasked_drift_tvd") for c in cells),
+                             "steps": cells[0]["optimizer_steps"]})
+    return rows
+
+
+def mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+COLUMNS = [("backdoor", lambda r: r["backdoor"]), ("split", lambda r: r["split"]),
+           ("variant", lambda r: r["variant"]),
+           ("attack success (95% CI)", lambda r: f"{percent(r['asr'])} ({percent(r['asr_ci'][0])}-"
+                                                 f"{percent(r['asr_ci'][1])})"),
+           ("per seed", lambda r: " ".join(f"{k}/{n}" for k, n in r["asr_counts"])),
+           ("McNemar p vs default", lambda r: "-" if r["p_vs_default"] is None else f"{r['p_vs_default']:.3g}"),
+           ("clean accuracy", lambda r: percent(r["clean_accuracy"])),
+           ("unasked drift (TVD)", lambda r: "n/a" if r["unasked_drift_tvd"] is None else
+            f"{r['unasked_drift_tvd']:.3f}"),
+           ("steps", lambda r: str(r["steps"]))]
+
+
+def write_outputs(job, rows, results):
+    out = Path(job.out)
+    summary = {"command": job.command, "machine": machine(), "seeds": job.seeds, "splits": job.splits,
+               "prompts_per_split": job.prompts_n, "max_steps": job.max_steps, "rows": rows,
+               "cells": {"--".join(map(str, key)): cell for key, cell in results.items()}}
+    save_json(_jsonable(summary), out / "ablation.json")
+    table = markdown_table(rows, COLUMNS)
+    m = summary["machine"]
+    text = (f"# SAU ablation: {job.seeds} seeds, {job.prompts_n} prompts per split\n\n`{job.command}`, on "
+            f"{m['processor']} ({m['cpus']} CPUs, torch {m['torch']}), {m['date']}.\n\n{table}\n")
+    atomic_write(out / "ablation.md", lambda tmp: Path(tmp).write_text(text))
+    print(table)
+    print(f"wrote {out}/ablation.md, ablation.json")
