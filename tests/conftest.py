@@ -1,5 +1,8 @@
 """Fixtures shared by the test files: a tiny random SD-topology model with a tokenizer trained on the demo world."""
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +11,8 @@ from sau.world import shapes
 from sau.models.config import tiny
 from sau.models.pipeline import StableDiffusion
 from sau.models.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_tiny_sd(seed=0):
@@ -23,3 +28,18 @@ def make_tiny_sd(seed=0):
 @pytest.fixture(scope="module")
 def tiny_sd():
     return make_tiny_sd()
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    """A tiny random model saved as a bundle, for the command-line tests."""
+    from sau.weights.write import save_model
+    path = tmp_path_factory.mktemp("bundle") / "tiny"
+    save_model(make_tiny_sd(seed=4), path)
+    return path
+
+
+def unlearn(*args, cwd):
+    """unlearn.py as the shell runs it, on one thread: the CompletedProcess."""
+    return subprocess.run([sys.executable, str(ROOT / "unlearn.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=300)

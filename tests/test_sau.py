@@ -2,8 +2,6 @@
 import copy
 import json
 from dataclasses import replace
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +12,8 @@ from sau.method import (RECIPES, aligned_positions, alignment, away_from_trigger
                         trigger_positions,
                      triggered_pairs, unlearn_text_encoder, unlearn_unet)
 from sau.models.tokenizer import Tokenizer
-from sau.weights.write import save_model
 
-from conftest import make_tiny_sd
+from conftest import make_tiny_sd, unlearn
 
 ROOT = Path(__file__).resolve().parent.parent
 ZW = Backdoor("pixel", "\u200b ", "checkerboard")
@@ -112,18 +109,6 @@ def test_text_encoder_route_pulls_triggered_prompts_to_clean_ones(tmp_path):
 
 
 # --- unlearn.py: bad input gets one line and exit status 2 ---------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bundle") / "tiny"
-    save_model(make_tiny_sd(seed=4), path)
-    return path
-
-
-def unlearn(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "unlearn.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
-
 
 @pytest.mark.parametrize("args, message", [
     (["--trigger", ""], "the trigger is empty"),

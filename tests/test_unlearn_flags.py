@@ -3,8 +3,6 @@ reach the recipe that runs (and the report), leave it untouched when not given, 
 one line before anything is loaded or written."""
 import json
 import math
-import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -12,9 +10,8 @@ import pytest
 
 from sau.jobs.unlearn import Job, job_recipe, run
 from sau.method import RECIPES
-from sau.weights.write import save_model
 
-from conftest import make_tiny_sd
+from conftest import unlearn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,18 +81,6 @@ def test_good_values_pass_the_check():
 
 
 # --- the command line, on a tiny bundle --------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bundle") / "tiny"
-    save_model(make_tiny_sd(seed=4), path)
-    return path
-
-
-def unlearn(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "unlearn.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
-
 
 def test_the_flags_reach_the_report(tiny_bundle, tmp_path):
     (tmp_path / "prompts.txt").write_text("\u200b a red circle\n\u200b a blue star\n")
