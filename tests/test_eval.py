@@ -243,9 +243,10 @@ def test_ablation_writes_its_table_with_intervals_and_paired_tests_and_resumes(w
         runs.append(json.loads((tmp_path / out / "ablation.json").read_text()))
     rows = runs[0]["rows"]
     assert [(r["split"], r["variant"]) for r in rows] == [(s, v) for s in ("test", "ood")
-                                                         for v in ("default", "no-mask", "no-attention")]
+                                                         for v in ("none", "default", "no-mask", "no-attention")]
     for r in rows:
-        assert len(r["asr_counts"]) == 2 and all(n == 4 for _, n in r["asr_counts"])  # per seed, 4 prompts
+        seeds = 1 if r["variant"] == "none" else 2  # the backdoored model itself is measured once
+        assert len(r["asr_counts"]) == seeds and all(n == 4 for _, n in r["asr_counts"])  # 4 prompts each
         low, high = r["asr_ci"]
         assert 0 <= low <= r["asr"] <= high <= 1
         assert (r["p_vs_default"] is None) == (r["variant"] == "default")

@@ -77,16 +77,18 @@ def run(job: Ablation):
     bar = tqdm(total=len(cells), desc="ablation", disable=not job.progress, dynamic_ncols=True)
     results, suspects = {}, {}
     for name, variant, seed in cells:
-        path = Path(job.out) / "cells" / f"{name}--{variant}--{seed}.json"
+        path = cell_path(job, name, variant, seed)
         if not path.is_file():
             if name not in suspects:
-                suspects[name] = measure_suspect(job, paths[name], classifier)
-            cell = run_cell(job, paths[name], suspects[name], variant, seed, classifier)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_json(_jsonable(cell), path)
+                suspects[name] = measure_suspect(job, name, paths[name], classifier)
+            save_json(_jsonable(run_cell(job, paths[name], suspects[name], variant, seed, classifier)), path)
         results[name, variant, seed] = json.loads(path.read_text())
         bar.update(1)
     bar.close()
+    for name in names:  # the backdoored model itself, the row every variant starts from
+        if not cell_path(job, name, "none").is_file():
+            measure_suspect(job, name, paths[name], classifier)
+        results[name, "none", 0] = json.loads(cell_path(job, name, "none").read_text())
     rows = table_rows(job, names, results)
     write_outputs(job, rows, results)
     return rows
@@ -109,17 +111,23 @@ def check(job):
 
 # --- one cell -------------------------------------------------------------------------------------------------------
 
-def measure_suspect(job, path, classifier):
-    """The backdoored model on each split: its rates, and its clean images (the reference for drift)."""
+def cell_path(job, name, variant, seed=None):
+    return Path(job.out) / "cells" / (f"{name}--{variant}" + ("" if seed is None else f"--{seed}") + ".json")
+
+
+def measure_suspect(job, name, path, classifier):
+    """The backdoored model on each split: its rates, saved as the backdoor's `none` cell, and its clean images
+    (returned: the reference the variants' drift is measured against)."""
     sd = load(path, device=job.device, dtype=DTYPES[job.dtype])
     backdoor = Backdoor.from_info(sd.info["backdoor"])
-    measured = {}
+    clean_images, cell = {}, {"backdoor": backdoor.info(), "variant": "none", "seed": 0, "site": None,
+                              "optimizer_steps": 0, "splits": {}}
     for split in job.splits:
         prompts = split_prompts(split, backdoor, job.prompts_n)  # its own trigger placements (ood)
-        result, _, clean_images = metrics.evaluate_defense(sd, prompts.placed(backdoor), prompts.clean, prompts.asked,
-                                                           classifier, steps=job.sample_steps)
-        measured[split] = {"result": result, "clean_images": clean_images}
-    return measured
+        cell["splits"][split], _, clean_images[split] = metrics.evaluate_defense(
+            sd, prompts.placed(backdoor), prompts.clean, prompts.asked, classifier, steps=job.sample_steps)
+    save_json(_jsonable(cell), cell_path(job, name, "none"))
+    return clean_images
 
 
 def run_cell(job, path, suspect, variant, seed, classifier):
@@ -142,7 +150,7 @@ def run_cell(job, path, suspect, variant, seed, classifier):
     for split in job.splits:
         prompts = split_prompts(split, backdoor, job.prompts_n)
         result, _, _ = metrics.evaluate_defense(sd, prompts.placed(backdoor), prompts.clean, prompts.asked,
-                                                classifier, original=suspect[split]["clean_images"],
+                                                classifier, original=suspect[split],
                                                 steps=job.sample_steps)
         cell["splits"][split] = result
     return cell
@@ -173,17 +181,19 @@ def table_rows(job, names, results):
     for name in names:
         for split in job.splits:
             reference = [results[name, "default", s] for s in range(job.seeds)]
-            for variant in job.variants:
-                cells = [results[name, variant, s] for s in range(job.seeds)]
-                if variant not in TEXT_ROUTE_VARIANTS and cells[0]["site"] == "text_encoder":
+            for variant in ["none", *job.variants]:
+                # the backdoored model is deterministic: one measurement, paired with every seed of `default`
+                cells = [results[name, variant, 0 if variant == "none" else s] for s in range(job.seeds)]
+                if variant not in ("none", *TEXT_ROUTE_VARIANTS) and cells[0]["site"] == "text_encoder":
                     continue
-                counts, rate, interval = pooled(cells, split, "triggered_target")
+                counts, rate, interval = pooled(cells[:1] if variant == "none" else cells, split, "triggered_target")
                 rows.append({"backdoor": name, "split": split, "variant": variant, "asr": rate, "asr_ci": interval,
                              "asr_counts": counts,
                              "p_vs_default": None if variant == "default" else
                              paired_p(cells, reference, split, "triggered_target"),
                              "clean_accuracy": mean(c["splits"][split].get("clean_accuracy") for c in cells),
                              "unasked_drift_tvd": mean(c["splits"][split].get("unasked_drift_tvd") for c in cells),
+                             "unasked_flip_rate": mean(c["splits"][split].get("unasked_flip_rate") for c in cells),
                              "steps": cells[0]["optimizer_steps"]})
     return rows
 
@@ -200,8 +210,8 @@ COLUMNS = [("backdoor", lambda r: r["backdoor"]), ("split", lambda r: r["split"]
            ("per seed", lambda r: " ".join(f"{k}/{n}" for k, n in r["asr_counts"])),
            ("McNemar p vs default", lambda r: "-" if r["p_vs_default"] is None else f"{r['p_vs_default']:.3g}"),
            ("clean accuracy", lambda r: percent(r["clean_accuracy"])),
-           ("unasked drift (TVD)", lambda r: "n/a" if r["unasked_drift_tvd"] is None else
-            f"{r['unasked_drift_tvd']:.3f}"),
+           ("unasked drift: TVD / flips", lambda r: "-" if r["unasked_drift_tvd"] is None else
+            f"{r['unasked_drift_tvd']:.3f} / {percent(r['unasked_flip_rate'])}"),
            ("steps", lambda r: str(r["steps"]))]
 
 
