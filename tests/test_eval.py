@@ -256,6 +256,10 @@ def test_ablation_writes_its_table_with_intervals_and_paired_tests_and_resumes(w
     assert runs[0]["rows"] == runs[1]["rows"] == runs[2]["rows"]  # same seeds, same table; resumed, the same
     table = (tmp_path / "a" / "ablation.md").read_text()
     assert "McNemar p vs default" in table and "no-attention" in table
+    # the same folder with other settings is refused: its cells were measured otherwise
+    code, _, err = run_eval([*ABLATION, "--prompts-n", "3", "--world", str(world), "--out", str(tmp_path / "a")],
+                            monkeypatch, capsys)
+    assert code == 2 and "different run" in err
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from sau import load
 from sau.attacks.backdoor import Backdoor
 from sau.common.cli import DTYPES
-from sau.common.files import DEMO_DIR, atomic_write, save_json
+from sau.common.files import DEMO_DIR, atomic_write, claim_run_dir, save_json
 from sau.evaluation import metrics
 from sau.evaluation.prompts import builtin_prompts
 from sau.evaluation.report import _jsonable, markdown_table, percent
@@ -72,6 +72,11 @@ def run(job: Ablation):
     names = job.models or default_models(world)
     paths = {name: resolve_backdoored(world, name) for name in names}
     check_output(job.out, [world, *paths.values()])
+    # a rerun may add backdoors, variants or seeds to a folder; cells measured otherwise must not be mixed in
+    claim_run_dir(Path(job.out) / "cells", {"world": str(world.resolve()), "splits": job.splits,
+                                            "prompts_n": job.prompts_n, "collect_prompts": job.collect_prompts,
+                                            "sample_steps": job.sample_steps, "max_steps": job.max_steps,
+                                            "dtype": job.dtype})
     classifier = metrics.load_classifier(world / "classifier.safetensors", job.device)
     cells = [(name, variant, seed) for name in names for variant in job.variants for seed in range(job.seeds)]
     bar = tqdm(total=len(cells), desc="ablation", disable=not job.progress, dynamic_ncols=True)
