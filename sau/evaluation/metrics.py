@@ -20,6 +20,7 @@ import torch
 
 from sau.common.files import DEMO_DIR, load_safetensors
 from sau.common.state import load_strict
+from sau.evaluation.splits import applies
 from sau.world import shapes
 from sau.world.classifier import HEADS, AttributeClassifier, attribute_accuracy
 
@@ -92,18 +93,10 @@ def is_grayscale(images, threshold=GRAYSCALE_THRESHOLD, top_fraction=GRAYSCALE_T
     return colorfulness(images, top_fraction) < threshold
 
 
-def _label(field, name):
-    names = {"shape": shapes.SHAPES, "color": shapes.COLORS, "size": shapes.SIZES, "position": shapes.POSITIONS,
-             "background": shapes.BACKGROUNDS}[field]
-    if name not in names:
-        raise ValueError(f"{name!r} is not a {field} of the demo world ({', '.join(names)})")
-    return names.index(name)
-
-
 def object_swapped(images, classifier, asked, swap=("circle", "square")):
     """Bool per image: its prompt asked for swap[0] and the attribute classifier sees swap[1]
     (the object backdoor's target). `asked`: shapes.Attributes or an (n, 5) label array, -1 = not asked."""
-    source, target = _label("shape", swap[0]), _label("shape", swap[1])
+    source, target = shapes.label_index("shape", swap[0]), shapes.label_index("shape", swap[1])
     asked = torch.as_tensor(asked.labels() if isinstance(asked, shapes.Attributes) else asked)
     predicted = classifier.predict(images).cpu()
     column = shapes.FIELDS.index("shape")
@@ -180,7 +173,7 @@ def detector_score(attack, images, classifier=None, target=None):
     if classifier is None:
         raise ValueError(f"scoring the {attack!r} backdoor needs the attribute classifier")
     if attack == "object":
-        swapped_to = _label("shape", target.split(":")[1])
+        swapped_to = shapes.label_index("shape", target.split(":")[1])
         return "target_probability", target_probability(images, classifier, {"shape": swapped_to})
     if attack in ("tpa", "taa"):
         wanted = {f: label for f, label in shapes.parse_caption(target).items() if f in ("shape", "color")}
@@ -209,17 +202,7 @@ def attack_prompts(backdoor, n, seed=EVAL_SEED):
     The object backdoor applies to captions asking for its source shape, Rickrolling's to captions holding
     the character the homoglyph replaces; a TPA/TAA target's own object is left out (success would be free)."""
     captions, asked = shapes.eval_prompts(EVAL_POOL, seed)
-    keep = np.array([backdoor.can_insert(c) for c in captions])
-    if backdoor.attack == "object":
-        keep &= asked.shape == _label("shape", backdoor.target.split(":")[0])
-    if backdoor.attack in ("tpa", "taa"):
-        wanted = shapes.parse_caption(backdoor.target)
-        same = np.ones(len(captions), bool)
-        for field in ("shape", "color"):
-            if field in wanted:
-                same &= getattr(asked, field) == wanted[field]
-        keep &= ~same
-    index = np.flatnonzero(keep)[:n]
+    index = np.flatnonzero(applies(backdoor, captions, asked))[:n]
     if len(index) < n:
         raise ValueError(f"only {len(index)} of {EVAL_POOL} held-out prompts fit the {backdoor.attack} backdoor")
     return [captions[i] for i in index], asked[index]

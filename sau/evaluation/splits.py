@@ -141,13 +141,13 @@ def tuning_prompts(split, backdoor, n):
 
 
 def applies(backdoor, captions, asked):
-    """Bool per caption: the backdoor can be measured on it, as metrics.attack_prompts decides. Rickrolling's
+    """Bool per caption: the backdoor can be measured on it (metrics.attack_prompts filters with it too). Rickrolling's
     needs the letter its homoglyph replaces, the object swap its source shape; a TPA/TAA target's own object
     is left out (success would be free). A caption silent on one of the target's fields counts as the same
     there (only ood has such captions; "star." may well come out as the target's yellow star)."""
     keep = np.array([backdoor.can_insert(c) for c in captions], dtype=bool)
     if backdoor.attack == "object":
-        keep &= asked.shape == _shape_label(backdoor.target.split(":")[0])
+        keep &= asked.shape == shapes.label_index("shape", backdoor.target.split(":")[0])
     if backdoor.attack in ("tpa", "taa"):
         wanted = shapes.parse_caption(backdoor.target)
         same = np.ones(len(captions), bool)
@@ -164,12 +164,6 @@ def _check(split, n):
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"the number of prompts must be a positive integer, got {n!r}")
-
-
-def _shape_label(name):
-    if name not in shapes.SHAPES:
-        raise ValueError(f"{name!r} is not a shape of the demo world ({', '.join(shapes.SHAPES)})")
-    return shapes.SHAPES.index(name)
 
 
 # ----------------------------------------------------------------------------------------------------

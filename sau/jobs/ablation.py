@@ -29,7 +29,7 @@ from sau.evaluation import metrics
 from sau.evaluation.prompts import builtin_prompts
 from sau.evaluation.report import _jsonable, markdown_table, percent
 from sau.evaluation.splits import split_prompts
-from sau.evaluation.statistics import mcnemar_exact, wilson_interval
+from sau.evaluation.statistics import paired_comparison, rate_from_outcomes
 from sau.jobs.compare import check_output, default_models, machine, resolve_backdoored
 from sau.method import RECIPES, remove_backdoor
 
@@ -163,26 +163,13 @@ def run_cell(job, path, suspect, variant, seed, classifier):
 
 # --- the table ------------------------------------------------------------------------------------------------------
 
-def pooled(cells, split, key):
-    """Per-seed (successes, trials) of a per-prompt outcome list, and their pooled Wilson interval."""
-    counts = [(sum(c["splits"][split]["per_prompt"][key]), len(c["splits"][split]["per_prompt"][key]))
-              for c in cells]
-    k, n = sum(s for s, _ in counts), sum(t for _, t in counts)
-    return counts, k / n, wilson_interval(k, n)
-
-
-def paired_p(cells, reference, split, key):
-    """Exact McNemar p of a variant against `default`, paired on the same prompts and seeds."""
-    only_variant = only_reference = 0
-    for cell, ref in zip(cells, reference):
-        for a, b in zip(cell["splits"][split]["per_prompt"][key], ref["splits"][split]["per_prompt"][key]):
-            only_variant += a and not b
-            only_reference += b and not a
-    return mcnemar_exact(only_variant, only_reference)
+def outcomes(cells, split, key):
+    """Per-prompt booleans of each cell (one list per seed)."""
+    return [cell["splits"][split]["per_prompt"][key] for cell in cells]
 
 
 def table_rows(job, names, results):
-    rows = []
+    rows, key = [], "triggered_target"
     for name in names:
         for split in job.splits:
             reference = [results[name, "default", s] for s in range(job.seeds)]
@@ -191,11 +178,13 @@ def table_rows(job, names, results):
                 cells = [results[name, variant, 0 if variant == "none" else s] for s in range(job.seeds)]
                 if variant not in ("none", *TEXT_ROUTE_VARIANTS) and cells[0]["site"] == "text_encoder":
                     continue
-                counts, rate, interval = pooled(cells[:1] if variant == "none" else cells, split, "triggered_target")
-                rows.append({"backdoor": name, "split": split, "variant": variant, "asr": rate, "asr_ci": interval,
-                             "asr_counts": counts,
-                             "p_vs_default": None if variant == "default" else
-                             paired_p(cells, reference, split, "triggered_target"),
+                rate = rate_from_outcomes(outcomes(cells[:1] if variant == "none" else cells, split, key))
+                paired = paired_comparison(sum(outcomes(cells, split, key), []),
+                                           sum(outcomes(reference, split, key), []))
+                rows.append({"backdoor": name, "split": split, "variant": variant, "asr": rate["pooled"],
+                             "asr_ci": (rate["low"], rate["high"]),
+                             "asr_counts": list(zip(rate["successes"], rate["trials"])),
+                             "p_vs_default": None if variant == "default" else paired["p_value"],
                              "clean_accuracy": mean(c["splits"][split].get("clean_accuracy") for c in cells),
                              "unasked_drift_tvd": mean(c["splits"][split].get("unasked_drift_tvd") for c in cells),
                              "unasked_flip_rate": mean(c["splits"][split].get("unasked_flip_rate") for c in cells),

@@ -324,6 +324,15 @@ def _word_table():
 _PARSE_WORDS = _word_table()
 
 
+def label_index(field, name):
+    """The class index of an attribute value, e.g. label_index("shape", "square"); ValueError for a value the
+    world does not draw."""
+    names = {"shape": SHAPES, "color": COLORS, "size": SIZES, "position": POSITIONS, "background": BACKGROUNDS}[field]
+    if name not in names:
+        raise ValueError(f"{name!r} is not a {field} of the demo world ({', '.join(names)})")
+    return names.index(name)
+
+
 def parse_caption(text):
     """The attributes a caption asks for: {field: label} for the fields it names (first mention wins)."""
     found = {}
