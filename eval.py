@@ -1,26 +1,27 @@
-"""Compare SAU with other backdoor-removal methods, measured the same way, in one table.
+"""Measure backdoor removal: the evaluation protocol on the demo world, SAU's ablation, or any cleaned model.
 
-    python eval.py                        # every shipped demo backdoor x every method (sau/demo)
-    python eval.py --quick                # the same grid on fewer held-out prompts
+    python eval.py                        # the protocol: every demo backdoor x every method, tuned on `tune`,
+                                          # reported on `test` and `ood` over 3 seeds (sau/jobs/protocol.py)
+    python eval.py --quick                # the same grid, 1 seed, each method's default, 16 prompts (a smoke run)
     python eval.py --models pixel,tpa --methods none,uce,sau_default --out runs/eval-small
+    python eval.py --ablation --seeds 3   # SAU's parts switched off one by one (sau/jobs/ablation.py)
     python eval.py --model CLEANED --original SUSPECT --trigger TEXT --clip CLIP --prompts FILE
-    python eval.py --ablation --seeds 3           # SAU's parts switched off one by one (sau/jobs/ablation.py)
 
-Writes table.md, results.json and chart.png (attack success and clean fidelity per method) to --out.
-Methods: none (the backdoored model as shipped), uce, esd_x, concept_ablation (sau/baselines.py), sau_paper,
-sau_default (sau/method.py's two recipes). Each starts from the same backdoored model, learns from the same
-prompts, is timed together with the generations it learns from, and is evaluated on the same held-out prompts
-and seeds. The comparison itself is sau/jobs/compare.py.
+The protocol writes protocol.md, results.json and chart.png to --out, and keeps every run in --out/cells, so a
+rerun resumes. Methods: none (the backdoored model as shipped), uce, esd_x, esd_x_prompt, concept_ablation
+(sau/baselines.py), sau_paper, sau_default (sau/method.py's two recipes).
 """
 import sys
 from pathlib import Path
 
 from sau.baselines import METHODS
 from sau.common import cli
-from sau.common.prompts import decode_escapes
-from sau.jobs import ablation
-from sau.jobs.compare import FULL_PROMPTS, QUICK_PROMPTS, Comparison, run
 from sau.common.files import DEMO_DIR
+from sau.common.prompts import decode_escapes
+from sau.jobs import ablation, compare, protocol
+
+QUICK = {"seeds": 1, "prompts_n": 16, "tune_n": 16, "sweep": False, "max_steps": 150}  # under 10 min on 2 cores
+LEAST = {"seeds": 1, "prompts_n": 2, "tune_n": 2, "collect_prompts": 1, "sample_steps": 1, "max_steps": 1}
 
 
 def main():
@@ -31,27 +32,28 @@ def main():
                    "separated (default: every backdoor the world's manifest lists)")
     p.add_argument("--methods", type=cli.comma_list, default=list(METHODS), help="comma separated, from "
                    + ", ".join(METHODS))
-    p.add_argument("--quick", action="store_true", help=f"{QUICK_PROMPTS} held-out prompts per backdoor instead "
-                   f"of {FULL_PROMPTS}")
-    p.add_argument("--prompts-n", type=int, help="held-out prompts per backdoor (overrides --quick)")
-    p.add_argument("--collect-prompts", type=int, default=Comparison.collect_prompts, help="prompts the methods "
-                   "learn from (default: as many as unlearn.py collects on)")
-    p.add_argument("--sample-steps", type=int, default=Comparison.sample_steps)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, help="cap every method's optimizer steps (smoke tests; the table "
-                   "then no longer shows the methods' defaults)")
-    p.add_argument("--out", default=Comparison.out)
+    p.add_argument("--seeds", type=int, default=3, help="unlearning seeds per reported cell (default 3)")
+    p.add_argument("--splits", type=cli.comma_list, default=["test", "ood"], help="reported splits: test, ood")
+    p.add_argument("--prompts-n", type=int, help="prompts per reported split and backdoor (default "
+                   f"{protocol.Protocol.prompts_n})")
+    p.add_argument("--tune-n", type=int, default=protocol.Protocol.tune_n, help="tune prompts per backdoor for "
+                   "each method's sweep")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 16 prompts per split, no sweep "
+                   "(each method's default setting), at most 150 optimizer steps")
+    p.add_argument("--collect-prompts", type=int, default=protocol.Protocol.collect_prompts,
+                   help="prompts whose generations the methods learn from")
+    p.add_argument("--sample-steps", type=int, default=protocol.Protocol.sample_steps)
+    p.add_argument("--max-steps", type=int, help="cap every method's optimizer steps (smoke tests; the tables "
+                   "then say so)")
+    p.add_argument("--out", help="output folder (default: runs/eval, runs/ablation)")
     p.add_argument("--device", type=cli.device, default="cpu")
     p.add_argument("--dtype", choices=list(cli.DTYPES), help="compute precision (default: float32; a real model "
                    "on a GPU: its stored precision)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNets (see the README's Performance)")
     parts = p.add_argument_group("the SAU ablation (--ablation)")
     parts.add_argument("--ablation", action="store_true", help="SAU's default recipe with each part switched off")
     parts.add_argument("--variants", type=cli.comma_list, default=list(ablation.VARIANTS),
                        help="comma separated, from " + ", ".join(ablation.VARIANTS))
-    parts.add_argument("--seeds", type=int, default=3, help="unlearning seeds per cell (default 3)")
-    parts.add_argument("--splits", type=cli.comma_list, default=["test", "ood"], help="reported splits: test, ood")
     real_model = p.add_argument_group("a cleaned model against its original (any SD model)")
     real_model.add_argument("--model", help="the cleaned model (bundle, or any checkpoint weights_convert.py reads)")
     real_model.add_argument("--original", help="the suspect model it was cleaned from")
@@ -59,30 +61,64 @@ def main():
     real_model.add_argument("--replaces", help="the letter a homoglyph trigger stands in for")
     real_model.add_argument("--clip", help="a CLIP scorer bundle (weights_convert.py converts a CLIP model)")
     real_model.add_argument("--prompts", help="a text file, one prompt per line")
-    options = vars(p.parse_args())
-    options["progress"] = not options.pop("no_progress")
-    command = "python " + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    parts = {name: options.pop(name) for name in ("ablation", "variants", "seeds", "splits")}
-    if parts.pop("ablation"):
-        return ablation.run(ablation_job(options, parts, command))
-    if options["trigger"] is not None:
-        options["trigger"] = decode_escapes(options["trigger"])
-    run(Comparison(**options, command=command))
+    real_model.add_argument("--compile", action="store_true", help="torch.compile the UNets (see the README's "
+                            "Performance)")
+    o = vars(p.parse_args())
+    o["progress"], o["command"] = not o.pop("no_progress"), "python " + " ".join([Path(sys.argv[0]).name,
+                                                                                  *sys.argv[1:]])
+    for name, least in LEAST.items():
+        if o[name] is not None and o[name] < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, not {o[name]}")
+    if o["model"]:
+        return compare.run(comparison(o))
+    refuse(o, ("original", "trigger", "replaces", "clip", "prompts", "compile"), "applies only with --model")
+    if o["ablation"]:
+        refuse(o, ("methods", "tune_n"), "does not apply to --ablation")
+        return ablation.run(ablation_job(o))
+    refuse(o, ("variants",), "applies only with --ablation")
+    protocol.run(protocol_job(o))
 
 
-def ablation_job(options, parts, command):
-    """The ablation's settings from eval.py's flags; the comparison-only flags must be left alone."""
-    alone = ("methods", "model", "original", "trigger", "replaces", "clip", "prompts", "compile")
-    given = [f"--{name}" for name in alone if options[name] not in (None, False, list(METHODS))]
+DEFAULTS = {"methods": list(METHODS), "tune_n": protocol.Protocol.tune_n, "variants": list(ablation.VARIANTS)}
+
+
+def refuse(options, names, why):
+    """Flags that the chosen mode would ignore: one clear error instead."""
+    given = [name for name in names if options[name] not in (None, False, DEFAULTS.get(name))]
     if given:
-        raise ValueError(f"{given[0]} does not apply to --ablation")
-    n = options["prompts_n"] or (QUICK_PROMPTS if options["quick"] else FULL_PROMPTS)
-    return ablation.Ablation(world=options["world"], models=options["models"], variants=parts["variants"],
-                             seeds=parts["seeds"], splits=parts["splits"], prompts_n=n,
-                             collect_prompts=options["collect_prompts"], sample_steps=options["sample_steps"],
-                             max_steps=options["max_steps"], out=options["out"] if options["out"] != Comparison.out
-                             else ablation.Ablation.out, device=options["device"],
-                             dtype=options["dtype"] or "float32", progress=options["progress"], command=command)
+        raise ValueError(f"--{given[0].replace('_', '-')} {why}")
+
+
+def comparison(o):
+    return compare.Comparison(model=o["model"], original=o["original"], replaces=o["replaces"], clip=o["clip"],
+                              trigger=None if o["trigger"] is None else decode_escapes(o["trigger"]),
+                              prompts=o["prompts"], prompts_n=o["prompts_n"], sample_steps=o["sample_steps"],
+                              out=o["out"] or compare.Comparison.out, device=o["device"], dtype=o["dtype"],
+                              progress=o["progress"], compile=o["compile"], command=o["command"])
+
+
+def protocol_job(o):
+    quick = QUICK if o["quick"] else {}
+    seeds = quick.get("seeds", o["seeds"])
+    return protocol.Protocol(world=o["world"], models=o["models"], methods=o["methods"], seeds=seeds,
+                             splits=o["splits"], prompts_n=o["prompts_n"] or quick.get("prompts_n",
+                                                                                       protocol.Protocol.prompts_n),
+                             tune_n=quick["tune_n"] if quick and o["tune_n"] == DEFAULTS["tune_n"] else o["tune_n"],
+                             sweep=quick.get("sweep", True),
+                             collect_prompts=o["collect_prompts"], sample_steps=o["sample_steps"],
+                             max_steps=o["max_steps"] or quick.get("max_steps"),
+                             out=o["out"] or protocol.Protocol.out, device=o["device"],
+                             dtype=o["dtype"] or "float32", progress=o["progress"], command=o["command"])
+
+
+def ablation_job(o):
+    quick = QUICK if o["quick"] else {}
+    return ablation.Ablation(world=o["world"], models=o["models"], variants=o["variants"],
+                             seeds=quick.get("seeds", o["seeds"]), splits=o["splits"],
+                             prompts_n=o["prompts_n"] or quick.get("prompts_n", ablation.Ablation.prompts_n),
+                             collect_prompts=o["collect_prompts"], sample_steps=o["sample_steps"],
+                             max_steps=o["max_steps"], out=o["out"] or ablation.Ablation.out, device=o["device"],
+                             dtype=o["dtype"] or "float32", progress=o["progress"], command=o["command"])
 
 
 if __name__ == "__main__":

@@ -163,3 +163,40 @@ def test_defend_dispatches_caps_and_refuses(tmp_path):
         assert info["steps"] == 2, method
     # a random model's text encoder may react to the trigger more than to a word: SAU then picks the encoder
     assert (info["site"], info["changes"]) == ("unet", "cross-attention") or info["site"] == "text_encoder"
+
+
+def test_esd_x_on_triggered_prompts_erases_each_of_them(tmp_path):
+    sd = make_tiny_sd(seed=7)
+    frozen, before = copy.deepcopy(sd.unet), snapshot(sd)
+    concepts = triggered_pairs(ZW, PROMPTS[:2])[0]
+    start = sum(esd_objective(sd, frozen, c) for c in concepts)
+    info = baselines.esd_x(sd, ZW, tmp_path, steps=30, lr=1e-3, ddim_steps=4, concepts=concepts, progress=False)
+    assert info["steps"] == 30 and all(".attn2." in k for k in changed(sd, before))
+    assert sum(esd_objective(sd, frozen, c) for c in concepts) < 0.5 * start
+
+
+def test_concept_ablation_reads_the_pool_prompts_at_anchor_latents(tmp_path):
+    sd = make_tiny_sd(seed=8)
+    collected = collect(sd, locate(sd.tokenizer, ZW, PROMPTS[:2]), seeds=range(2), steps=3, guidance_scale=3.0)
+    pool = triggered_pairs(ZW, PROMPTS[2:])
+    frozen = copy.deepcopy(sd.unet)
+    as_pool = copy.copy(collected)  # the pool pairs, measured at the anchors' latents
+    as_pool.prompts, as_pool.clean_prompts = pool[0][:2], pool[1][:2]
+    start = ablation_objective(sd, frozen, as_pool)
+    baselines.concept_ablation(sd, collected, tmp_path, steps=30, lr=1e-3, batch_size=4, prior_weight=0.0,
+                               pool=pool, progress=False)
+    assert ablation_objective(sd, frozen, as_pool) < 0.5 * start
+
+
+def test_defend_gives_every_method_the_pool_and_sau_its_overrides(tmp_path, monkeypatch):
+    sd = make_tiny_sd(seed=9)
+    seen = {}
+    monkeypatch.setattr(baselines, "uce", lambda sd, backdoor, prompts, **o: seen.setdefault("uce", prompts) and {})
+    monkeypatch.setattr(baselines, "esd_x", lambda *a, concepts=None, **o: seen.setdefault("esd", concepts) and {})
+    baselines.defend("uce", sd, ZW, PROMPTS[:2], tmp_path, pool=PROMPTS[2:])
+    baselines.defend("esd_x_prompt", sd, ZW, PROMPTS[:2], tmp_path, pool=PROMPTS[2:])
+    assert seen["uce"] == PROMPTS and seen["esd"] == [ZW.insert(p) for p in PROMPTS]
+    collected = collect(sd, locate(sd.tokenizer, ZW, PROMPTS[:2]), seeds=range(2), steps=3, guidance_scale=3.0)
+    info = baselines.defend("sau_default", sd, ZW, PROMPTS[:2], tmp_path / "sau", collected, pool=PROMPTS[2:],
+                            steps=3, text_steps=3)
+    assert info["steps"] == 3

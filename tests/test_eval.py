@@ -32,7 +32,6 @@ from conftest import make_tiny_sd
 ROOT = Path(__file__).resolve().parents[1]
 TPA_TARGET = "a yellow star in the center on a black background"
 SMALL = ["--prompts-n", "4", "--collect-prompts", "4", "--sample-steps", "2", "--max-steps", "2", "--no-progress"]
-COST_COLUMNS = 2  # time and peak memory: the last columns of the table, the only ones allowed to differ
 
 
 @pytest.fixture(scope="module")
@@ -158,33 +157,90 @@ def test_bar_chart_draws_every_panel(tmp_path):
 
 # --- eval.py ---------------------------------------------------------------------------------------------------
 
-def metric_cells(table):
-    return [line.split("|")[1:-1 - COST_COLUMNS] for line in table.splitlines() if line.startswith("|")]
+PROTOCOL = ["--models", "pixel,tpa", "--seeds", "2", "--tune-n", "4", *SMALL]
 
 
-def test_same_seed_same_table_on_a_reduced_grid(world, tmp_path, monkeypatch, capsys):
-    outputs = []
-    for name in ("a", "b"):
-        code, out, err = run_eval(["--world", str(world), "--models", "pixel,tpa", "--out", str(tmp_path / name),
-                                   *SMALL], monkeypatch, capsys)
+def test_the_protocol_sweeps_on_tune_reports_over_seeds_and_resumes(world, tmp_path, monkeypatch, capsys):
+    runs = []
+    # a second folder reruns part of the grid from scratch; the third run finds every cell of the first on disk
+    for out, extra in (("a", []), ("b", ["--models", "pixel", "--methods", "none,uce,sau_default"]), ("a", [])):
+        code, _, err = run_eval(["--world", str(world), "--out", str(tmp_path / out), *PROTOCOL, *extra],
+                                monkeypatch, capsys)
         assert code == 0, err
-        outputs.append(tmp_path / name)
-    tables = [(o / "table.md").read_text() for o in outputs]
-    assert metric_cells(tables[0]) == metric_cells(tables[1])
-    rows = json.loads((outputs[0] / "results.json").read_text())["rows"]
-    assert [(r["model"], r["method"]) for r in rows] == [(m, x) for m in ("pixel", "tpa") for x in
-                                                         ("none", "uce", "esd_x", "concept_ablation", "sau_paper",
-                                                          "sau_default")]
+        runs.append(json.loads((tmp_path / out / "results.json").read_text()))
+    rows = runs[0]["rows"]
+    methods = ("none", "uce", "esd_x", "esd_x_prompt", "concept_ablation", "sau_paper", "sau_default")
+    assert [(r["backdoor"], r["split"], r["method"]) for r in rows] == [
+        (b, s, m) for b in ("pixel", "tpa") for s in ("test", "ood") for m in methods]
     for r in rows:
-        assert (r["changed_parameters"] == 0) == (r["method"] == "none"), r["method"]
-        assert r["asr"] is not None and (r["method"] == "none" or r["seconds"] > 0 and r["peak_memory_mb"] > 0)
-        assert r["steps"] == (0 if r["method"] in ("none", "uce") else 2)
-    chart = Image.open(outputs[0] / "chart.png")
-    assert chart.size[0] >= 420 and "![chart](chart.png)" in tables[0]
+        assert len(r["asr_counts"]) == (1 if r["method"] == "none" else 2)  # the suspect is deterministic
+        assert all(n == 4 for _, n in r["asr_counts"])
+        assert 0 <= r["asr_ci"][0] <= r["asr"] <= r["asr_ci"][1] <= 1
+        assert (r["p_vs_reference"] is None) == (r["method"] == "sau_default")
+        assert r["frechet"] is not None and r["clean_accuracy"] is not None
+        assert r["method"] == "none" or r["unasked_flip_rate"] is not None
+    # every method but none tried three settings on tune, and reports the one the rule chose
+    for b in ("pixel", "tpa"):
+        for m in methods[1:]:
+            tried = [r for r in runs[0]["sweep"] if r["backdoor"] == b and r["method"] == m]
+            assert len(tried) == 3 and sum(r["chosen"] == "yes" for r in tried) == 1
+            chosen = next(r["setting"] for r in tried if r["chosen"] == "yes")
+            assert all(r["setting"] == chosen for r in rows if r["backdoor"] == b and r["method"] == m)
+    # the detectors' threshold is chosen on the suspect's tune images and applied to every split
+    detectors = runs[0]["detectors"]
+    assert [(d["backdoor"], d["split"]) for d in detectors] == [(b, s) for b in ("pixel", "tpa")
+                                                                 for s in ("tune", "test", "ood")]
+    assert len({d["tuned_threshold"] for d in detectors if d["backdoor"] == "pixel"}) == 1
+    assert set(runs[0]["one_setting_for_all"]) == set(methods[1:])  # one setting per method over every backdoor
+    cells = {p.name for p in (tmp_path / "a" / "cells").iterdir()}
+    assert "pixel--sau_default--steps=150,text_steps=100--tune.json" in cells and "pixel--none.json" in cells
+    # the same seeds give the same numbers; a resumed run reads them back
+    numbers = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert numbers(runs[0]["rows"]) == numbers(runs[2]["rows"])
+    again = [r for r in runs[0]["rows"] if r["backdoor"] == "pixel" and r["method"] in ("none", "uce", "sau_default")]
+    assert numbers(runs[1]["rows"]) == numbers(again)
+    table = (tmp_path / "a" / "protocol.md").read_text()
+    assert "McNemar p vs SAU (default)" in table and "## The tune sweep" in table and "ESD-x (prompts)" in table
+    assert Image.open(tmp_path / "a" / "chart.png").size[0] >= 420
+
+
+def test_quick_runs_each_default_once_without_a_sweep(world, tmp_path, monkeypatch, capsys):
+    code, _, err = run_eval(["--world", str(world), "--out", str(tmp_path / "q"), "--quick", "--models", "pixel",
+                             "--methods", "none,uce,sau_default", *SMALL], monkeypatch, capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "q" / "results.json").read_text())
+    assert results["sweep"] == [] or all(r["method"] == "none" for r in results["sweep"])
+    assert results["protocol"]["seeds"] == 1 and results["protocol"]["prompts_n"] == 4  # --prompts-n wins
+    assert [r["setting"] for r in results["rows"][:3]] == ["-", "preserve_scale=0.1", "steps=450,text_steps=300"]
+
+
+def selection_cell(asr, accuracy, diverged=False):
+    cell = {"splits": {"tune": {"asr": asr, "clean_accuracy": accuracy}}}
+    return {**cell, "diverged": "loss was nan"} if diverged else cell
+
+
+@pytest.mark.parametrize("sweep, chosen", [
+    ([(0.10, 0.98), (0.02, 0.97), (0.00, 0.90)], 1),  # the lowest success that keeps fidelity, not the lowest
+    ([(0.00, 0.97), (0.00, 0.98), (0.00, 0.98)], 1),  # a tie: the higher accuracy, then the earlier setting
+    ([(0.50, 0.90), (0.20, 0.80), (0.00, 0.70)], 0),  # none keeps fidelity: the one that keeps most
+    ([(0.00, 0.98, True), (0.30, 0.98), (0.40, 0.98)], 1),  # a diverged run is never chosen
+])
+def test_one_selection_rule_for_every_method(sweep, chosen):
+    from sau.jobs.protocol import SETTINGS, select_setting
+    suspect = selection_cell(0.95, 0.985)
+    cells = {str(i): selection_cell(*values) for i, values in enumerate(sweep)}
+    setting, why = select_setting("esd_x", cells, suspect)
+    assert setting == SETTINGS["esd_x"][chosen] and why
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--models", "pixel", "--methods", "none,fine_prune"], "unknown method 'fine_prune'"),
+    (["--models", "pixel", "--methods", "none,uce"], "include it in --methods"),
+    (["--models", "pixel", "--splits", "test,tune"], "unknown split 'tune'"),
+    (["--models", "pixel", "--seeds", "0"], "--seeds must be at least 1"),
+    (["--models", "pixel", "--tune-n", "1"], "--tune-n must be at least 2"),
+    (["--models", "pixel", "--variants", "default"], "--variants applies only with --ablation"),
+    (["--models", "pixel", "--clip", "x"], "--clip applies only with --model"),
     (["--models", "pixel,zebra"], "no backdoored model 'zebra'"),
     (["--models", "pixel", "--prompts-n", "1"], "--prompts-n must be at least 2"),
     (["--models", "pixel", "--bogus"], "unrecognized arguments: --bogus"),
@@ -262,11 +318,21 @@ def test_ablation_writes_its_table_with_intervals_and_paired_tests_and_resumes(w
     assert code == 2 and "different run" in err
 
 
+def test_ablation_quick_writes_its_table(world, tmp_path, monkeypatch, capsys):
+    code, _, err = run_eval(["--ablation", "--quick", "--models", "pixel", "--variants", "default,no-mask",
+                             "--prompts-n", "2", "--collect-prompts", "4", "--sample-steps", "2", "--max-steps", "2",
+                             "--no-progress", "--world", str(world), "--out", str(tmp_path / "q")], monkeypatch, capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "q" / "ablation.json").read_text())["rows"]
+    assert {len(r["asr_counts"]) for r in rows} == {1} and "no-mask" in (tmp_path / "q" / "ablation.md").read_text()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--variants", "default,no-softmax"], "unknown ablation term 'no-softmax'"),
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--splits", "tune"], "unknown split 'tune'"),
     (["--methods", "uce"], "--methods does not apply to --ablation"),
+    (["--tune-n", "8"], "--tune-n does not apply to --ablation"),
 ])
 def test_ablation_bad_input_is_one_line_and_writes_nothing(world, tmp_path, monkeypatch, capsys, extra, message):
     code, _, err = run_eval(["--ablation", "--world", str(world), "--out", str(tmp_path / "out"), *extra],

@@ -106,7 +106,7 @@ class Trainer:
             self.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if self.step % log_every == 0 or self.step == self.steps:
+            if self.step % log_every == 0 or self.step in (1, self.steps):  # the first step: where a loss began
                 self._log({"step": self.step, "loss": loss.item(), "lr": self.learning_rate(self.step - 1),
                            "elapsed_s": round(time.time() - started, 1), **{k: float(v) for k, v in logs.items()}})
             if self.step % self.save_every == 0 or self.step == self.steps:

@@ -24,13 +24,14 @@ from tqdm import tqdm
 from sau import load
 from sau.attacks.backdoor import Backdoor
 from sau.common.cli import DTYPES
-from sau.common.files import DEMO_DIR, atomic_write, claim_run_dir, save_json
+from sau.common.files import atomic_write, save_json
 from sau.evaluation import metrics
 from sau.evaluation.prompts import builtin_prompts
 from sau.evaluation.report import _jsonable, markdown_table, percent
 from sau.evaluation.splits import split_prompts
 from sau.evaluation.statistics import paired_comparison, rate_from_outcomes
-from sau.jobs.compare import check_output, default_models, machine, resolve_backdoored
+from sau.jobs.compare import machine
+from sau.jobs.protocol import DemoRun, mean, open_run, outcomes
 from sau.method import RECIPES, remove_backdoor
 
 # name -> (recipe overrides, invert first)
@@ -48,35 +49,19 @@ TEXT_ROUTE_VARIANTS = ("default",)
 
 
 @dataclass
-class Ablation:
-    world: str = str(DEMO_DIR)
-    models: list = None  # backdoor names in `world`; None: every one its manifest lists
+class Ablation(DemoRun):
     variants: list = field(default_factory=lambda: list(VARIANTS))
-    seeds: int = 3  # unlearning seeds 0..seeds-1
-    splits: list = field(default_factory=lambda: ["test", "ood"])
     prompts_n: int = 200  # prompts per split and backdoor
-    collect_prompts: int = 64
-    sample_steps: int = metrics.EVAL_STEPS
-    max_steps: int = None  # cap the unlearning steps (smoke tests; the table then says so)
     out: str = "runs/ablation"
-    device: str = "cpu"
-    dtype: str = "float32"
-    progress: bool = True
-    command: str = ""
 
 
 def run(job: Ablation):
     """Every (backdoor, variant, seed) cell, then the table. Returns the table's rows."""
     check(job)
-    world = Path(job.world)
-    names = job.models or default_models(world)
-    paths = {name: resolve_backdoored(world, name) for name in names}
-    check_output(job.out, [world, *paths.values()])
-    # a rerun may add backdoors, variants or seeds to a folder; cells measured otherwise must not be mixed in
-    claim_run_dir(Path(job.out) / "cells", {"world": str(world.resolve()), "splits": job.splits,
-                                            "prompts_n": job.prompts_n, "collect_prompts": job.collect_prompts,
-                                            "sample_steps": job.sample_steps, "max_steps": job.max_steps,
-                                            "dtype": job.dtype})
+    world, paths = open_run(job, {"world": str(Path(job.world).resolve()), "splits": job.splits,
+                                  "prompts_n": job.prompts_n, "collect_prompts": job.collect_prompts,
+                                  "sample_steps": job.sample_steps, "max_steps": job.max_steps, "dtype": job.dtype})
+    names = list(paths)
     classifier = metrics.load_classifier(world / "classifier.safetensors", job.device)
     cells = [(name, variant, seed) for name in names for variant in job.variants for seed in range(job.seeds)]
     bar = tqdm(total=len(cells), desc="ablation", disable=not job.progress, dynamic_ncols=True)
@@ -163,11 +148,6 @@ def run_cell(job, path, suspect, variant, seed, classifier):
 
 # --- the table ------------------------------------------------------------------------------------------------------
 
-def outcomes(cells, split, key):
-    """Per-prompt booleans of each cell (one list per seed)."""
-    return [cell["splits"][split]["per_prompt"][key] for cell in cells]
-
-
 def table_rows(job, names, results):
     rows, key = [], "triggered_target"
     for name in names:
@@ -190,11 +170,6 @@ def table_rows(job, names, results):
                              "unasked_flip_rate": mean(c["splits"][split].get("unasked_flip_rate") for c in cells),
                              "steps": cells[0]["optimizer_steps"]})
     return rows
-
-
-def mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 COLUMNS = [("backdoor", lambda r: r["backdoor"]), ("split", lambda r: r["split"]),
