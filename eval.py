@@ -21,7 +21,8 @@ from sau.common.prompts import decode_escapes
 from sau.jobs import ablation, compare, protocol
 
 QUICK = {"seeds": 1, "prompts_n": 16, "tune_n": 16, "sweep": False, "max_steps": 150}  # under 10 min on 2 cores
-LEAST = {"seeds": 1, "prompts_n": 2, "tune_n": 2, "collect_prompts": 1, "sample_steps": 1, "max_steps": 1}
+# the smallest sane values of the flags every mode passes on unchecked (seeds and prompt counts: the jobs check)
+LEAST = {"collect_prompts": 1, "sample_steps": 1, "max_steps": 1}
 
 
 def main():

@@ -31,7 +31,7 @@ from sau.evaluation.report import _jsonable, markdown_table, percent
 from sau.evaluation.splits import split_prompts
 from sau.evaluation.statistics import paired_comparison, rate_from_outcomes
 from sau.jobs.compare import machine
-from sau.jobs.protocol import DemoRun, mean, open_run, outcomes
+from sau.jobs.protocol import DemoRun, check_reported_splits, mean, open_run, outcomes
 from sau.method import RECIPES, remove_backdoor
 
 # name -> (recipe overrides, invert first)
@@ -94,9 +94,7 @@ def check(job):
         raise ValueError(f"--seeds must be at least 1, not {job.seeds}")
     if job.prompts_n < 2:
         raise ValueError(f"--prompts-n must be at least 2, not {job.prompts_n}")
-    for split in job.splits:
-        if split not in ("test", "ood"):
-            raise ValueError(f"unknown split {split!r} for reporting; choose test or ood (tune is for tuning)")
+    check_reported_splits(job.splits)
 
 
 # --- one cell -------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sau import baselines, load
+from sau import load
 from sau.attacks.backdoor import Backdoor
 from sau.common.cli import DTYPES
 from sau.common.files import atomic_write, save_json
@@ -76,15 +76,6 @@ def default_models(world):
     if not names:
         raise FileNotFoundError(f"{world} holds no backdoored models; train them with `python train.py backdoors`")
     return names
-
-
-def check_methods(methods):
-    unknown = [m for m in methods if m not in baselines.METHODS]
-    if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(baselines.METHODS)}")
-    if not methods:
-        raise ValueError("no method given")
-    return methods
 
 
 def load_scorer(path, what="--clip"):

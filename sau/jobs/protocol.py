@@ -41,7 +41,7 @@ from sau.evaluation.prompts import builtin_prompts
 from sau.evaluation.report import _jsonable, bar_chart, markdown_table, percent
 from sau.evaluation.splits import split_prompts, tuning_prompts
 from sau.evaluation.statistics import paired_comparison, rate_from_outcomes
-from sau.jobs.compare import check_methods, check_output, default_models, load_scorer, machine, resolve_backdoored
+from sau.jobs.compare import check_output, default_models, load_scorer, machine, resolve_backdoored
 from sau.method import collect, locate
 
 # Each method's main knob and the values its sweep tries; the first is the method's default, which --quick runs
@@ -129,7 +129,9 @@ def one_backdoor(job, grid, bar):
 
 
 def check(job):
-    check_methods(job.methods)
+    unknown = [m for m in job.methods if m not in baselines.METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(baselines.METHODS)}")
     if REFERENCE_METHOD not in job.methods:
         raise ValueError(f"every method is compared with {REFERENCE_METHOD}: include it in --methods")
     if job.seeds < 1:
@@ -137,10 +139,14 @@ def check(job):
     for flag, value in (("--prompts-n", job.prompts_n), ("--tune-n", job.tune_n)):
         if value < 2:
             raise ValueError(f"{flag} must be at least 2, not {value}")
-    for split in job.splits:
+    check_reported_splits(job.splits)
+
+
+def check_reported_splits(splits):
+    for split in splits:
         if split not in ("test", "ood"):
             raise ValueError(f"unknown split {split!r} for reporting; choose test or ood (tune is for tuning)")
-    if not job.splits:
+    if not splits:
         raise ValueError("no split to report on")
 
 
@@ -201,22 +207,26 @@ class Grid:
         self.sd = load(path, device=job.device, dtype=DTYPES[job.dtype])
         self.pristine = {k: v.clone() for k, v in self.sd.state_dict().items()}
         self.backdoor = Backdoor.from_info(self.sd.info["backdoor"])
-        self._reference, self._collections = None, {}
+        self._reference, self._collections, self._splits = None, {}, {}
 
     def path(self, *parts):
         return Path(self.job.out) / "cells" / ("--".join([self.name, *map(str, parts)]) + ".json")
 
-    def prompts(self, split):
-        n = self.job.tune_n if split == "tune" else self.job.prompts_n
-        return tuning_prompts(split, self.backdoor, n) if split == "tune" else split_prompts(split, self.backdoor, n)
+    def split_inputs(self, split):
+        """(prompts, drawn references) of one split, made once: every cell is measured on the same ones."""
+        if split not in self._splits:
+            n = self.job.tune_n if split == "tune" else self.job.prompts_n
+            prompts = tuning_prompts(split, self.backdoor, n) if split == "tune" else \
+                split_prompts(split, self.backdoor, n)
+            self._splits[split] = prompts, metrics.drawn_references(prompts.asked)
+        return self._splits[split]
 
     def measure(self, split, original=None):
         """(result, clean images) of the model as it is now on one split."""
-        prompts = self.prompts(split)
+        prompts, references = self.split_inputs(split)
         result, _, clean = metrics.evaluate_defense(
             self.sd, prompts.placed(self.backdoor), prompts.clean, prompts.asked, self.tools.classifier,
-            self.tools.scorer, original=original, references=metrics.drawn_references(prompts.asked),
-            steps=self.job.sample_steps)
+            self.tools.scorer, original=original, references=references, steps=self.job.sample_steps)
         return result, clean
 
     def suspect_cell(self):
@@ -248,10 +258,10 @@ class Grid:
 
     def cell(self, method, setting, seed_or_tune):
         """One run of `method` at `setting`: seed 0 measured on tune, or seed S on the reported splits."""
-        sweep = seed_or_tune == "tune"
-        path = self.path(method, label(setting), "tune" if sweep else f"seed-{seed_or_tune}")
         if method == "none":
             return self.suspect_cell()
+        sweep = seed_or_tune == "tune"
+        path = self.path(method, label(setting), "tune" if sweep else f"seed-{seed_or_tune}")
         if not path.is_file():
             save_json(_jsonable(self.run_cell(method, setting, 0 if sweep else seed_or_tune,
                                               ["tune"] if sweep else self.job.splits)), path)
