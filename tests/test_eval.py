@@ -177,6 +177,8 @@ def test_the_protocol_sweeps_on_tune_reports_over_seeds_and_resumes(world, tmp_p
         assert all(n == 4 for _, n in r["asr_counts"])
         assert 0 <= r["asr_ci"][0] <= r["asr"] <= r["asr_ci"][1] <= 1
         assert (r["p_vs_reference"] is None) == (r["method"] == "sau_default")
+        assert 0 <= r["asr_tuned_ci"][0] <= r["asr_tuned"] <= r["asr_tuned_ci"][1] <= 1  # recounted on tune's threshold
+        assert (r["p_tuned_vs_reference"] is None) == (r["method"] == "sau_default")
         assert r["frechet"] is not None and r["clean_accuracy"] is not None
         assert r["method"] == "none" or r["unasked_flip_rate"] is not None
     # every method but none tried three settings on tune, and reports the one the rule chose
@@ -201,6 +203,7 @@ def test_the_protocol_sweeps_on_tune_reports_over_seeds_and_resumes(world, tmp_p
     assert numbers(runs[1]["rows"]) == numbers(again)
     table = (tmp_path / "a" / "protocol.md").read_text()
     assert "McNemar p vs SAU (default)" in table and "## The tune sweep" in table and "ESD-x (prompts)" in table
+    assert "counted at the detector threshold chosen on `tune`" in table
     assert Image.open(tmp_path / "a" / "chart.png").size[0] >= 420
 
 
@@ -212,6 +215,17 @@ def test_quick_runs_each_default_once_without_a_sweep(world, tmp_path, monkeypat
     assert results["sweep"] == [] or all(r["method"] == "none" for r in results["sweep"])
     assert results["protocol"]["seeds"] == 1 and results["protocol"]["prompts_n"] == 4  # --prompts-n wins
     assert [r["setting"] for r in results["rows"][:3]] == ["-", "preserve_scale=0.1", "steps=450,text_steps=300"]
+
+
+def test_outcomes_are_recounted_at_a_threshold_in_the_detector_direction():
+    from sau.jobs.protocol import flagged_at, tuned_threshold
+    cell = lambda scores: {"splits": {"test": {"per_prompt": {"triggered_score": scores}}}}
+    assert flagged_at([cell([0.1, 0.6]), cell([0.7, 0.2])], "test", 0.5, "above") == [[False, True], [True, False]]
+    assert flagged_at([cell([0.1, 0.6])], "test", 0.5, "below") == [[True, False]]  # colorfulness: gray is low
+    suspect = {"none": {"splits": {"tune": {"score_name": "colorfulness", "per_prompt": {
+        "triggered_score": [0.0, 0.1, 0.2], "clean_score": [0.7, 0.8, 0.9]}}}}}
+    score, direction, threshold = tuned_threshold(suspect)
+    assert (score, direction) == ("colorfulness", "below") and 0.2 < threshold < 0.7
 
 
 def selection_cell(asr, accuracy, diverged=False):

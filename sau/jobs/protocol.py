@@ -331,10 +331,28 @@ def mean(values):
     return sum(values) / len(values) if values else None
 
 
+def tuned_threshold(cells_of_backdoor):
+    """The detector threshold chosen on the suspect's `tune` generations (Youden's J, triggered images as positives,
+    clean ones as negatives): (score name, direction, threshold)."""
+    tune = cells_of_backdoor["none"]["splits"]["tune"]
+    score = tune["score_name"]
+    per_prompt = tune["per_prompt"]
+    return score, DIRECTIONS[score], calibration.choose_threshold(per_prompt["triggered_score"],
+                                                                  per_prompt["clean_score"], DIRECTIONS[score])
+
+
+def flagged_at(cells, split, threshold, direction):
+    """Per-seed outcomes recounted from the stored continuous scores at another threshold."""
+    sign = 1 if direction == "above" else -1
+    return [[sign * s > sign * threshold for s in cell["splits"][split]["per_prompt"]["triggered_score"]]
+            for cell in cells]
+
+
 def report_rows(job, names, cells):
     rows = []
     for name in names:
         reference = cells[name]["report"][REFERENCE_METHOD]
+        _, direction, threshold = tuned_threshold(cells[name])
         for split in job.splits:
             for method in job.methods:
                 # the backdoored model is deterministic: one measurement, paired with every seed of the reference
@@ -342,6 +360,11 @@ def report_rows(job, names, cells):
                 results = [c["splits"][split] for c in runs]
                 rate = rate_from_outcomes(outcomes(runs[:1] if method == "none" else runs, split))
                 paired = paired_comparison(sum(outcomes(runs, split), []), sum(outcomes(reference, split), []))
+                # the same images counted at the detector threshold chosen on tune instead of the shipped rule
+                tuned = rate_from_outcomes(flagged_at(runs[:1] if method == "none" else runs, split, threshold,
+                                                      direction))
+                tuned_paired = paired_comparison(sum(flagged_at(runs, split, threshold, direction), []),
+                                                 sum(flagged_at(reference, split, threshold, direction), []))
                 rows.append({
                     "backdoor": name, "split": split, "method": method, "label": baselines.LABELS[method],
                     "setting": label(cells[name]["chosen"][method]["setting"]),
@@ -349,6 +372,8 @@ def report_rows(job, names, cells):
                     "asr_counts": list(zip(rate["successes"], rate["trials"])),
                     "p_vs_reference": None if method == REFERENCE_METHOD else paired["p_value"],
                     "only_this": paired.get("only_a"), "only_reference": paired.get("only_b"),
+                    "asr_tuned": tuned["pooled"], "asr_tuned_ci": (tuned["low"], tuned["high"]),
+                    "p_tuned_vs_reference": None if method == REFERENCE_METHOD else tuned_paired["p_value"],
                     **{key: mean(r.get(key) for r in results) for key in (
                         "clean_target_rate", "triggered_score", "clean_score", "trigger_effect", "clean_accuracy",
                         "unasked_drift_tvd",
@@ -413,9 +438,7 @@ def detector_rows(job, names, cells):
     rows = []
     for name in names:
         splits = cells[name]["none"]["splits"]
-        tune = splits["tune"]["per_prompt"]
-        score, direction = splits["tune"]["score_name"], DIRECTIONS[splits["tune"]["score_name"]]
-        chosen = calibration.choose_threshold(tune["triggered_score"], tune["clean_score"], direction)
+        score, direction, chosen = tuned_threshold(cells[name])
         for split in ["tune", *job.splits]:
             per_prompt = splits[split]["per_prompt"]
             at_tuned = calibration.operating_point(per_prompt["triggered_score"], per_prompt["clean_score"], chosen,
@@ -437,8 +460,8 @@ DETECTOR_COLUMNS = [
     ("at it: triggered / clean flagged", lambda r: f"{percent(r['tuned']['tpr'])} / {percent(r['tuned']['fpr'])}")]
 
 
-def ci(r):
-    return f"{percent(r['asr'])} ({percent(r['asr_ci'][0])}-{percent(r['asr_ci'][1])})"
+def ci(r, key="asr"):
+    return f"{percent(r[key])} ({percent(r[key + '_ci'][0])}-{percent(r[key + '_ci'][1])})"
 
 
 def number(value, digits=3):
@@ -479,8 +502,8 @@ def summary(job, names, rows):
         columns = [("method", lambda r: r["method"])] + [(n, lambda r, n=n: r[n]) for n in names]
         return f"\n{title}:\n\n{markdown_table(rows, columns)}\n"
 
-    def attack(r):
-        return ci(r) + ("" if r["p_vs_reference"] is None else f", p = {r['p_vs_reference']:.2g}")
+    def attack(r, key="asr", p="p_vs_reference"):
+        return ci(r, key) + ("" if r[p] is None else f", p = {r[p]:.2g}")
 
     def clean(r):
         keys = ("clean_target_rate", "clean_accuracy", "unasked_flip_rate")
@@ -488,6 +511,9 @@ def summary(job, names, rows):
 
     return "".join([table(f"Attack success on `{s}` (95% CI; p: McNemar against SAU (default))", s, attack)
                     for s in job.splits] +
+                   [table(f"The same images on `{s}` counted at the detector threshold chosen on `tune` "
+                          "(a check of the shipped detector rule)", s,
+                          lambda r: attack(r, "asr_tuned", "p_tuned_vs_reference")) for s in job.splits] +
                    [table(f"Clean prompts on `{s}`: target without the trigger / clean accuracy / unasked attributes "
                           "flipped", s, clean) for s in job.splits])
 
