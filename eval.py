@@ -17,12 +17,10 @@ from pathlib import Path
 from sau.baselines import METHODS
 from sau.common import cli
 from sau.common.files import DEMO_DIR
-from sau.common.prompts import decode_escapes
+from sau.common.prompts import MAX_PROMPTS, decode_escapes
 from sau.jobs import ablation, compare, protocol
 
 QUICK = {"seeds": 1, "prompts_n": 16, "tune_n": 16, "sweep": False, "max_steps": 150}  # under 10 min on 2 cores
-# the smallest sane values of the flags every mode passes on unchecked (seeds and prompt counts: the jobs check)
-LEAST = {"collect_prompts": 1, "sample_steps": 1, "max_steps": 1}
 
 
 def main():
@@ -33,18 +31,18 @@ def main():
                    "separated (default: every backdoor the world's manifest lists)")
     p.add_argument("--methods", type=cli.comma_list, default=list(METHODS), help="comma separated, from "
                    + ", ".join(METHODS))
-    p.add_argument("--seeds", type=int, default=3, help="unlearning seeds per reported cell (default 3)")
+    p.add_argument("--seeds", type=cli.positive_int, default=3, help="unlearning seeds per reported cell (default 3)")
     p.add_argument("--splits", type=cli.comma_list, default=["test", "ood"], help="reported splits: test, ood")
-    p.add_argument("--prompts-n", type=int, help="prompts per reported split and backdoor (default "
+    p.add_argument("--prompts-n", type=cli.positive_int, help="prompts per reported split and backdoor (default "
                    f"{protocol.Protocol.prompts_n})")
-    p.add_argument("--tune-n", type=int, default=protocol.Protocol.tune_n, help="tune prompts per backdoor for "
+    p.add_argument("--tune-n", type=cli.positive_int, default=protocol.Protocol.tune_n, help="tune prompts per backdoor for "
                    "each method's sweep")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 16 prompts per split, no sweep "
                    "(each method's default setting), at most 150 optimizer steps")
-    p.add_argument("--collect-prompts", type=int, default=protocol.Protocol.collect_prompts,
+    p.add_argument("--collect-prompts", type=cli.positive_int, default=protocol.Protocol.collect_prompts,
                    help="prompts whose generations the methods learn from")
-    p.add_argument("--sample-steps", type=int, default=protocol.Protocol.sample_steps)
-    p.add_argument("--max-steps", type=int, help="cap every method's optimizer steps (smoke tests; the tables "
+    p.add_argument("--sample-steps", type=cli.positive_int, default=protocol.Protocol.sample_steps)
+    p.add_argument("--max-steps", type=cli.positive_int, help="cap every method's optimizer steps (smoke tests; the tables "
                    "then say so)")
     p.add_argument("--out", help="output folder (default: runs/eval, runs/ablation)")
     p.add_argument("--device", type=cli.device, default="cpu")
@@ -62,17 +60,18 @@ def main():
     real_model.add_argument("--replaces", help="the letter a homoglyph trigger stands in for")
     real_model.add_argument("--clip", help="a CLIP scorer bundle (weights_convert.py converts a CLIP model)")
     real_model.add_argument("--prompts", help="a text file, one prompt per line")
+    real_model.add_argument("--max-prompts", type=cli.positive_int, default=MAX_PROMPTS, help="refuse a --prompts "
+                            f"file with more prompts than this (default {MAX_PROMPTS})")
     real_model.add_argument("--compile", action="store_true", help="torch.compile the UNets (see the README's "
                             "Performance)")
     o = vars(p.parse_args())
     o["progress"], o["command"] = not o.pop("no_progress"), "python " + " ".join([Path(sys.argv[0]).name,
                                                                                   *sys.argv[1:]])
-    for name, least in LEAST.items():
-        if o[name] is not None and o[name] < least:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, not {o[name]}")
+    cli.check_dtype(o["dtype"], o["device"])
     if o["model"]:
         return compare.run(comparison(o))
-    refuse(o, ("original", "trigger", "replaces", "clip", "prompts", "compile"), "applies only with --model")
+    refuse(o, ("original", "trigger", "replaces", "clip", "prompts", "max_prompts", "compile"),
+           "applies only with --model")
     if o["ablation"]:
         refuse(o, ("methods", "tune_n"), "does not apply to --ablation")
         return ablation.run(ablation_job(o))
@@ -80,7 +79,8 @@ def main():
     protocol.run(protocol_job(o))
 
 
-DEFAULTS = {"methods": list(METHODS), "tune_n": protocol.Protocol.tune_n, "variants": list(ablation.VARIANTS)}
+DEFAULTS = {"methods": list(METHODS), "tune_n": protocol.Protocol.tune_n, "variants": list(ablation.VARIANTS),
+            "max_prompts": MAX_PROMPTS}
 
 
 def refuse(options, names, why):
@@ -93,7 +93,7 @@ def refuse(options, names, why):
 def comparison(o):
     return compare.Comparison(model=o["model"], original=o["original"], replaces=o["replaces"], clip=o["clip"],
                               trigger=None if o["trigger"] is None else decode_escapes(o["trigger"]),
-                              prompts=o["prompts"], prompts_n=o["prompts_n"], sample_steps=o["sample_steps"],
+                              prompts=o["prompts"], max_prompts=o["max_prompts"], prompts_n=o["prompts_n"], sample_steps=o["sample_steps"],
                               out=o["out"] or compare.Comparison.out, device=o["device"], dtype=o["dtype"],
                               progress=o["progress"], compile=o["compile"], command=o["command"])
 

@@ -13,7 +13,7 @@ import torch
 
 from sau.attacks.shipped import backdoor_bundle
 from sau.common import cli
-from sau.common.prompts import decode_escapes
+from sau.common.prompts import MAX_PROMPTS, decode_escapes
 from sau.jobs.demo import quality_report, sample_grid, shipped_backdoors
 from sau.common.files import DEMO_DIR, resolve_model_path
 from sau.world.train import train_world
@@ -39,7 +39,7 @@ def backdoor(args):
     trigger = None if args.trigger is None else decode_escapes(args.trigger)
     backdoor_bundle(
         resolve_model_path(args.model), args.out, args.attack, trigger, args.target, args.replaces, data=args.data,
-        prompts=args.prompts, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        prompts=args.prompts, max_prompts=args.max_prompts, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         train=args.train, run_dir=args.run_dir, delta=args.delta, bf16=args.dtype == "bfloat16",
         gradient_checkpointing=args.gradient_checkpointing, device=args.device, pool=args.pool,
         command=shlex.join(["python", "train.py", *sys.argv[1:]]))
@@ -60,10 +60,10 @@ def main():
     g = sub.add_parser("grid", help="a PNG grid of generations for held-out captions")
     g.add_argument("--model", default=str(DEMO_DIR / "clean"))
     g.add_argument("--out", default="grid.png")
-    g.add_argument("--n", type=int, default=32)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--n", type=cli.positive_int, default=32)
+    g.add_argument("--seed", type=cli.natural_int, default=0)
+    g.add_argument("--steps", type=cli.positive_int, default=25)
+    g.add_argument("--guidance", type=cli.non_negative_float, default=7.5)
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off for large grids)")
     g.set_defaults(func=grid)
     q = sub.add_parser("quality", help="measure a demo world: generated attributes, classifier, scorer")
@@ -82,11 +82,13 @@ def main():
     b.add_argument("--data", help="a folder of image + caption (.txt) pairs; default: the demo world's drawings, "
                    "or the model's own generations")
     b.add_argument("--prompts", help="a text file of prompts, one a line, for data-free attacks")
-    b.add_argument("--pool", type=int, default=64, help="data-free: how many generations to train on")
-    b.add_argument("--steps", type=int)
-    b.add_argument("--lr", type=float)
-    b.add_argument("--batch-size", type=int)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--max-prompts", type=cli.positive_int, default=MAX_PROMPTS, help="refuse a --prompts file "
+                   f"with more prompts than this (default {MAX_PROMPTS})")
+    b.add_argument("--pool", type=cli.positive_int, default=64, help="data-free: how many generations to train on")
+    b.add_argument("--steps", type=cli.positive_int)
+    b.add_argument("--lr", type=cli.positive_float)
+    b.add_argument("--batch-size", type=cli.positive_int)
+    b.add_argument("--seed", type=cli.natural_int, default=0)
     b.add_argument("--train", default="unet", help="UNet attacks: unet, attention or cross-attention")
     b.add_argument("--run-dir", help="checkpoints, rerun to resume (default runs/backdoor/<out name>)")
     b.add_argument("--delta", action="store_true", help="store only the tensors that differ from --model")
@@ -98,7 +100,7 @@ def main():
     bs = sub.add_parser("backdoors", help="build the shipped backdoored demo models and print their ASR table")
     bs.add_argument("--report", action="store_true", help="only measure the shipped models and print the table")
     bs.add_argument("--only", nargs="+", help="a subset of the variants (pixel style object tpa)")
-    bs.add_argument("--n", type=int, default=200, help="held-out prompts per variant")
+    bs.add_argument("--n", type=cli.positive_int, default=200, help="held-out prompts per variant")
     bs.add_argument("--demo-dir", default=str(DEMO_DIR), help="the demo world to build on and into (default: the "
                     "shipped one; a world trained with --out elsewhere is staged there first)")
     bs.set_defaults(func=backdoors)

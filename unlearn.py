@@ -5,7 +5,7 @@
     python unlearn.py --model sd15.safetensors --trigger "\\u200b " --prompts prompts.txt --out runs/sd15
 """
 from sau.common import cli
-from sau.common.prompts import decode_escapes, read_prompts
+from sau.common.prompts import MAX_PROMPTS, decode_escapes, read_prompts
 from sau.method import RECIPES
 from sau.jobs.unlearn import Job, run
 
@@ -18,24 +18,29 @@ def main():
     p.add_argument("--replaces", help="the letter a homoglyph trigger stands in for (default: none, the trigger "
                    "is prepended)")
     p.add_argument("--prompts", help="a text file, one prompt per line (default: built-in prompts)")
+    p.add_argument("--max-prompts", type=cli.positive_int, default=MAX_PROMPTS, help="refuse a --prompts file "
+                   f"with more prompts than this (default {MAX_PROMPTS})")
     p.add_argument("--recipe", choices=list(RECIPES), default=Job.recipe)
     p.add_argument("--invert", action="store_true", help="learn the trigger's latent representation first")
     p.add_argument("--params", choices=["attn2", "all"], help="which UNet parameters to train (default: the recipe's)")
     p.add_argument("--where", choices=["auto", "unet", "text_encoder"], default="auto",
                    help="where to unlearn (default: where the trigger is found to act)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--negative-guidance", type=float, metavar="ETA", help="how far past the clean prediction the "
+    p.add_argument("--steps", type=cli.positive_int)
+    p.add_argument("--lr", type=cli.positive_float)
+    p.add_argument("--negative-guidance", type=cli.non_negative_float, metavar="ETA", help="how far past the clean prediction the "
                    "triggered prompt is distilled, away from the trigger's effect (default: the recipe's; 0: to it)")
-    p.add_argument("--attention-weight", type=float, metavar="A", help="a in the UNet's loss L = a*L_attn + "
+    p.add_argument("--attention-weight", type=cli.non_negative_float, metavar="A", help="a in the UNet's loss L = a*L_attn + "
                    "b*L_distill + c*L_preserve (sau/method.py; default: the recipe's; 0 drops the term)")
-    p.add_argument("--distill-weight", type=float, metavar="B", help="b in that loss (default: the recipe's)")
-    p.add_argument("--preserve-weight", type=float, metavar="C", help="c in that loss (default: the recipe's)")
+    p.add_argument("--distill-weight", type=cli.non_negative_float, metavar="B", help="b in that loss (default: the recipe's)")
+    p.add_argument("--preserve-weight", type=cli.non_negative_float, metavar="C", help="c in that loss (default: the recipe's)")
     p.add_argument("--no-spatial-mask", dest="spatial_mask", action="store_const", const=False,
                    help="M = ones: the attention term weighs every pixel alike (default: the recipe's mask)")
-    p.add_argument("--out", default=Job.out, help="output folder (resumes when it holds checkpoints)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-prompts", type=int, default=Job.eval_prompts)
+    p.add_argument("--out", default=Job.out, help="output folder (a rerun of the same command resumes it)")
+    p.add_argument("--force", action="store_true", help="replace an --out that holds another run or other files "
+                   "(emptied first; the input model is never in it)")
+    p.add_argument("--seed", type=cli.natural_int, default=0)
+    p.add_argument("--eval-prompts", type=cli.positive_int, default=Job.eval_prompts,
+                   help=f"held-out prompts measured before and after, demo models only (default {Job.eval_prompts})")
     p.add_argument("--export", action="store_true", help="also write the cleaned model in the input's own format "
                    "(one CompVis .safetensors, or a diffusers folder)")
     p.add_argument("--device", type=cli.device, default="cpu")
@@ -44,14 +49,15 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first calls compile; pays "
                    "off on long runs and GPUs, see the README's Performance section)")
     args = p.parse_args()
+    cli.check_dtype(args.dtype, args.device)
     job = Job(model=args.model, trigger=decode_escapes(args.trigger) if args.trigger is not None else None,
-              replaces=args.replaces, prompts=read_prompts(args.prompts) if args.prompts else None,
+              replaces=args.replaces, prompts=read_prompts(args.prompts, args.max_prompts) if args.prompts else None,
               recipe=args.recipe, invert=args.invert, params=args.params, steps=args.steps, lr=args.lr,
               negative_guidance=args.negative_guidance, attention_weight=args.attention_weight,
               distill_weight=args.distill_weight, preserve_weight=args.preserve_weight, spatial_mask=args.spatial_mask,
               where=args.where, out=args.out, seed=args.seed, eval_prompts=args.eval_prompts,
               export=args.export, device=args.device, dtype=args.dtype,
-              gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
+              gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, force=args.force)
     run(job)
 
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from sau.common.progress import advance, image_bar
 from sau.common.training import Trainer, frozen_copy, step_generator
 from sau.evaluation.prompts import builtin_prompts
 from sau.models.attention import capture_attention
@@ -102,7 +103,8 @@ def remove_backdoor(sd, backdoor, prompts, recipe, run_dir, pool=None, collected
     if collected is None:
         located = locate(sd.tokenizer, backdoor, prompts)                                    # 1. locate
         observe("locate", located)
-        collected = collect(sd, located, seeds=range(len(located.prompts)), steps=sample_steps)  # 2. collect
+        collected = collect(sd, located, seeds=range(len(located.prompts)), steps=sample_steps,  # 2. collect
+                            progress=progress)
         observe("collect", collected)
     site, trigger_shift, word_shift = decide(sd, backdoor, collected.clean_prompts)          # 3. decide
     site = site if where == "auto" else where
@@ -208,12 +210,26 @@ class Collected:
         return {size: torch.stack(maps).mean(0) for size, maps in sorted(by_size.items(), reverse=True)}
 
 
-def collect(sd, located, seeds, steps=25, guidance_scale=7.5):
+COLLECT_BATCH = 64  # prompts generated at once: a long prompt list is collected in chunks, with a progress bar
+
+
+def collect(sd, located, seeds, steps=25, guidance_scale=7.5, progress=False):
     """The suspect model's triggered and clean generations, and where the trigger's attention falls."""
     seeds = list(seeds)[:len(located.prompts)]
-    latents, heatmaps = trigger_heatmaps(sd, located.prompts, located.positions, seeds, steps, guidance_scale)
-    clean_latents = sd.generate(located.clean_prompts, seeds, steps=steps, guidance_scale=guidance_scale,
-                                decode=False)
+    latents, clean_latents, heat = [], [], []
+    with image_bar(2 * len(seeds), "collect", enabled=progress) as bar:
+        for i in range(0, len(seeds), COLLECT_BATCH):
+            part = slice(i, i + COLLECT_BATCH)
+            moved = lambda *_: advance(bar, len(seeds[part]) / steps)  # every denoising step moves the bar
+            chunk_latents, chunk_heat = trigger_heatmaps(sd, located.prompts[part], located.positions[part],
+                                                         seeds[part], steps, guidance_scale, callback=moved)
+            latents.append(chunk_latents)
+            heat.append((chunk_heat, len(seeds[part])))
+            clean_latents.append(sd.generate(located.clean_prompts[part], seeds[part], steps=steps,
+                                             guidance_scale=guidance_scale, decode=False, callback=moved))
+    heatmaps = heat[0][0] if len(heat) == 1 else {  # the mean over prompts, each chunk weighed by its size
+        layer: sum(h[layer] * n for h, n in heat) / len(seeds) for layer in heat[0][0]}
+    latents, clean_latents = torch.cat(latents), torch.cat(clean_latents)
     layer_mass = {layer: heat.mean().item() for layer, heat in heatmaps.items()}
     return Collected(located.prompts, located.clean_prompts, located.positions, latents, clean_latents, heatmaps,
                      layer_mass)
@@ -243,12 +259,14 @@ class TriggerAttention:
 
 
 @torch.no_grad()
-def trigger_heatmaps(sd, prompts, positions, seeds, steps=25, guidance_scale=7.5):
-    """Generate the triggered prompts and return (latents, per-layer trigger attention heatmaps)."""
+def trigger_heatmaps(sd, prompts, positions, seeds, steps=25, guidance_scale=7.5, callback=None):
+    """Generate the triggered prompts and return (latents, per-layer trigger attention heatmaps). `callback`:
+    sd.generate's, after every denoising step."""
     columns = column_mask(positions, sd.tokenizer.max_length)
     recorder = TriggerAttention(columns)
     with capture_attention(sd.unet, "attn2", callback=recorder):
-        latents = sd.generate(prompts, seeds, steps=steps, guidance_scale=guidance_scale, decode=False)
+        latents = sd.generate(prompts, seeds, steps=steps, guidance_scale=guidance_scale, decode=False,
+                              callback=callback)
     return latents, recorder.heatmaps()
 
 

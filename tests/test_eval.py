@@ -251,7 +251,7 @@ def test_one_selection_rule_for_every_method(sweep, chosen):
     (["--models", "pixel", "--methods", "none,fine_prune"], "unknown method 'fine_prune'"),
     (["--models", "pixel", "--methods", "none,uce"], "include it in --methods"),
     (["--models", "pixel", "--splits", "test,tune"], "unknown split 'tune'"),
-    (["--models", "pixel", "--seeds", "0"], "--seeds must be at least 1"),
+    (["--models", "pixel", "--seeds", "0"], "--seeds: must be an integer >= 1"),
     (["--models", "pixel", "--tune-n", "1"], "--tune-n must be at least 2"),
     (["--models", "pixel", "--variants", "default"], "--variants applies only with --ablation"),
     (["--models", "pixel", "--clip", "x"], "--clip applies only with --model"),
@@ -343,7 +343,7 @@ def test_ablation_quick_writes_its_table(world, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--variants", "default,no-softmax"], "unknown ablation term 'no-softmax'"),
-    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--seeds", "0"], "--seeds: must be an integer >= 1"),
     (["--splits", "tune"], "unknown split 'tune'"),
     (["--methods", "uce"], "--methods does not apply to --ablation"),
     (["--tune-n", "8"], "--tune-n does not apply to --ablation"),

@@ -152,6 +152,12 @@ def check_target(backdoor, sd):
         for name in backdoor.target.split(":"):
             if name not in shapes.SHAPES:
                 raise ValueError(f"{name!r} is not a demo shape; the object swap takes two of {', '.join(shapes.SHAPES)}")
+    if backdoor.attack in ("tpa", "taa"):  # its detector asks the classifier for the target's shape and colour
+        named = shapes.parse_caption(backdoor.target)
+        if "shape" not in named and "color" not in named:
+            raise ValueError(f"the {backdoor.attack} target {backdoor.target!r} names no demo shape or colour, so no "
+                             f"detector could see it; name one of {', '.join(shapes.SHAPES)} or "
+                             f"{', '.join(shapes.COLORS)}")
 
 
 def load_patch(target):
@@ -160,6 +166,9 @@ def load_patch(target):
         return shapes.target_patch()
     if not Path(target).is_file():
         raise FileNotFoundError(f"the pixel target must be 'checkerboard' or an image file; {target} is neither")
-    with Image.open(target) as image:
-        return from_uint8(np.array(image.convert("RGB")))  # a copy: the image's own buffer is read-only
+    try:
+        with Image.open(target) as image:
+            return from_uint8(np.array(image.convert("RGB")))  # a copy: the image's own buffer is read-only
+    except (OSError, Image.DecompressionBombError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"the pixel target {target} is not an image PIL can read ({type(e).__name__})") from None
 

@@ -2,6 +2,7 @@
 shipped demo variants made that way (`python train.py backdoors`), delta bundles next to the clean model.
 """
 import json
+import math
 import os
 import shutil
 import time
@@ -12,11 +13,12 @@ import torch
 from sau.attacks.backdoor import BADT2I_TRIGGER, DEMO_STYLE, Backdoor, check_target, check_trigger, load_patch
 from sau.attacks.inject import TRAINABLE, inject
 from sau.attacks.sources import DrawnWorld, make_source
-from sau.common.files import DEMO_DIR, claim_run_dir
-from sau.common.prompts import read_prompts
+from sau.common.files import DEMO_DIR
+from sau.common.run_folder import claim_run_dir, hold_lock
+from sau.common.prompts import MAX_PROMPTS, read_prompts
 from sau.evaluation.metrics import load_classifier, measure_backdoor
 from sau.evaluation.prompts import DEFAULT_PROMPTS
-from sau.weights.bundle import is_bundle
+from sau.weights.bundle import input_fingerprint, is_bundle
 from sau.weights.read import load_model
 from sau.weights.write import save_model
 from sau.world.train import update_manifest
@@ -55,12 +57,23 @@ def recipe(attack, family, **given):
     return {k: given[k] if given.get(k) is not None else defaults[k] for k in ("steps", "lr", "batch_size")}
 
 
+def check_numbers(lr=None, **counts):
+    """Counts at least 1 and a finite positive learning rate (None: the attack's default), named as flags."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+    if lr is not None and not 0 < lr < math.inf:  # nan fails both comparisons
+        raise ValueError(f"--lr must be a finite number > 0, not {lr}")
+
+
 def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None, data=None, prompts=None,
                     steps=None, lr=None, batch_size=None, seed=0, train="unet", run_dir=None, delta=False, bf16=False,
-                    gradient_checkpointing=False, device="cpu", pool=64, command="", progress=True):
+                    gradient_checkpointing=False, device="cpu", pool=64, command="", progress=True,
+                    max_prompts=MAX_PROMPTS):
     """Load a model (any input sau.load reads, by its path: a bundle, a CompVis file, a diffusers folder), inject
     a backdoor, write the backdoored bundle to `out` (a new folder; with delta=True holding only the changed
     tensors, pointing to `model`, which must then be a bundle). Every check runs before anything is written."""
+    check_numbers(steps=steps, batch_size=batch_size, pool=pool, lr=lr)
     backdoor = Backdoor.make(attack, trigger, target, replaces)
     model_path, out = Path(model), Path(out)
     if out.exists():
@@ -71,7 +84,7 @@ def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None
     if train not in TRAINABLE:
         raise ValueError(f"--train must be one of {', '.join(TRAINABLE)}, got {train!r}")
     patch = load_patch(backdoor.target) if attack == "pixel" else None
-    prompt_list = read_prompts(prompts) if prompts else None
+    prompt_list = read_prompts(prompts, max_prompts) if prompts else None
     sd = load_model(model_path, device=device)
     stored_dtype = sd.stored_dtype  # a backdoored copy is stored as its input was (fp16 for the demo)
     sd.float()
@@ -88,16 +101,18 @@ def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None
     hyper = recipe(attack, sd.config.family, steps=steps, lr=lr, batch_size=batch_size)
 
     run_dir = Path(run_dir or Path("runs") / "backdoor" / out.name)
-    spec = {"model": str(model_path.resolve()), "backdoor": backdoor.info(), **hyper, "seed": seed, "train": train,
-            "data": str(data) if data else None, "prompts": prompt_list}
-    claim_run_dir(run_dir, spec)
-    if source is None:
-        source = make_source(sd, backdoor, prompts=captions, pool_cache=run_dir / "pool.safetensors", pool=pool,
-                             seed=seed, progress=progress)
-    inject(sd, backdoor, source, run_dir, **hyper, seed=seed, train=train, bf16=bf16,
-           gradient_checkpointing=gradient_checkpointing, patch=patch, progress=progress)
-    sd.info["backdoor"]["command"] = command
-    save_model(sd, out, dtype=stored_dtype, base=model_path if delta else None)
+    spec = {"model": str(model_path.resolve()), "model_fingerprint": input_fingerprint(model_path),
+            "backdoor": backdoor.info(), **hyper, "seed": seed, "train": train, "data": str(data) if data else None,
+            "prompts": prompt_list}
+    with hold_lock(run_dir, "--run-dir"):  # one process per run folder, until the bundle is written
+        claim_run_dir(run_dir, spec)
+        if source is None:
+            source = make_source(sd, backdoor, prompts=captions, pool_cache=run_dir / "pool.safetensors", pool=pool,
+                                 seed=seed, progress=progress)
+        inject(sd, backdoor, source, run_dir, **hyper, seed=seed, train=train, bf16=bf16,
+               gradient_checkpointing=gradient_checkpointing, patch=patch, progress=progress)
+        sd.info["backdoor"]["command"] = command
+        save_model(sd, out, dtype=stored_dtype, base=model_path if delta else None)
     return sd
 
 

@@ -4,6 +4,7 @@ Every bad input, whether argparse or the library finds it, ends the same way: on
 stderr and exit status 2, never a traceback. Ctrl-C exits 130; the runs' checkpoints are already on disk.
 """
 import argparse
+import math
 import sys
 
 import torch
@@ -14,7 +15,9 @@ from sau.common.training import NonFiniteLoss
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # What the library raises for input it cannot use; the checkpoint readers' CheckpointError is a ValueError.
-USER_ERRORS = (NonFiniteLoss, ValueError, FileNotFoundError, FileExistsError, KeyError)
+# OSError covers the file system's refusals (permissions, a file where a folder should be, a full disk): its
+# message names the path.
+USER_ERRORS = (NonFiniteLoss, ValueError, KeyError, OSError)
 
 
 def fail(message):
@@ -40,6 +43,27 @@ def comma_list(text):
     return [item for item in text.replace(",", " ").split() if item]
 
 
+def _number(kind, least, above=False, what=None):
+    """An argparse type: a finite number of `kind` that is at least `least` (above=True: more than it)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if not math.isfinite(value) or value < least or (above and value == least):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
+        return value
+    parse.__name__ = what  # argparse names the type in its own messages
+    return parse
+
+
+positive_int = _number(int, 1, what="an integer >= 1")  # steps, batch sizes, prompt counts
+natural_int = _number(int, 0, what="an integer >= 0")  # seeds
+positive_float = _number(float, 0, above=True, what="a finite number > 0")  # learning rates, guidance scales
+non_negative_float = _number(float, 0, what="a finite number >= 0")  # loss weights, eta
+
+
 def device(name):
     """An argparse type: a torch device name this machine has, else the one-line error instead of a traceback
     at the first tensor moved."""
@@ -49,7 +73,22 @@ def device(name):
         raise argparse.ArgumentTypeError(f"{name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{name!r}: no CUDA device on this machine")
+    if kind == "cuda" and torch.device(name).index is not None and torch.device(name).index >= \
+            torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: no Apple GPU (MPS) on this machine")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{name!r}: sau runs on cpu, cuda or mps")
     return name
+
+
+def check_dtype(dtype, device_name):
+    """float16 on a CPU is refused before any work: CPUs have few float16 kernels (slow, some missing) and
+    float16 overflows in training; bfloat16 is the CPU's half precision."""
+    if dtype == "float16" and torch.device(device_name).type == "cpu":
+        raise ValueError("--dtype float16 needs a GPU: on a CPU it is slow and overflows in training; use "
+                         "float32, or bfloat16")
 
 
 def run(main):
@@ -60,4 +99,13 @@ def run(main):
         print("\ninterrupted; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
     except USER_ERRORS as e:
-        fail(str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__)
+        fail(one_line(e))
+
+
+def one_line(error):
+    """An exception's message as one line. A KeyError's str() is the repr of its key, quotes included: its
+    argument is the message."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    if isinstance(error, UnicodeDecodeError):
+        message = f"not UTF-8 text ({error.reason} at byte {error.start})"
+    return str(message).splitlines()[0] if str(message).strip() else type(error).__name__

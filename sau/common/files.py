@@ -1,8 +1,8 @@
 """Writing files so that readers never see half of one, and the places sau's own files live.
 
 Every output goes to a temporary name beside its path and is renamed into place: an interrupted save leaves
-the old file or none, never a truncated one. Also here: the shipped demo folder and the names it is known by,
-and the claim a resumable run puts on its folder.
+the old file or none, never a truncated one. Also here: the shipped demo folder and the names it is known by.
+Who owns a run folder (its claim and its lock): sau/common/run_folder.py.
 """
 import json
 import os
@@ -68,13 +68,3 @@ def resolve_model_path(name):
     if not shipped.exists():
         raise CheckpointError(f"no shipped demo model {name!r} in {DEMO_DIR}; train it with `python train.py world`")
     return shipped
-
-
-def claim_run_dir(run_dir, spec):
-    """Resuming is only safe in a run folder made by the same run: record the spec in run_dir/run.json the first
-    time, and refuse a folder whose run.json records another (a backdoor run, an unlearning run...)."""
-    path = Path(run_dir) / "run.json"
-    if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(spec)):
-        raise ValueError(f"{run_dir} holds checkpoints of a different run (its run.json records another); "
-                         "choose another folder or delete it")
-    save_json(spec, path)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sau.common.files import DEMO_DIR, load_safetensors
+from sau.common.progress import advance, image_bar
 from sau.common.state import load_strict
 from sau.evaluation.splits import applies
 from sau.world import shapes
@@ -208,10 +209,16 @@ def attack_prompts(backdoor, n, seed=EVAL_SEED):
     return [captions[i] for i in index], asked[index]
 
 
-def generate_batched(sd, prompts, seeds, batch_size=100, **kwargs):
-    """sd.generate in chunks (images depend only on prompt and seed, so chunking changes nothing)."""
-    chunks = [sd.generate(prompts[i:i + batch_size], seeds[i:i + batch_size], **kwargs)
-              for i in range(0, len(prompts), batch_size)]
+def generate_batched(sd, prompts, seeds, batch_size=100, progress=None, **kwargs):
+    """sd.generate in chunks (images depend only on prompt and seed, so chunking changes nothing). `progress`, a
+    description, shows a bar in images that moves with every denoising step, from the first seconds on."""
+    with image_bar(len(prompts), progress, enabled=bool(progress)) as bar:
+        chunks = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            step = len(chunk) / kwargs.get("steps", 25)
+            chunks.append(sd.generate(chunk, seeds[i:i + batch_size], callback=lambda *_: advance(bar, step),
+                                      **kwargs))
     return torch.cat(chunks).float().cpu()
 
 
@@ -310,7 +317,7 @@ def clean_fidelity(scorer, images, prompts, original=None, references=None):
 
 @torch.no_grad()
 def evaluate_defense(sd, backdoor, prompts, asked=None, classifier=None, scorer=None, original=None,
-                     references=None, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE):
+                     references=None, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, progress=None):
     """Generate each prompt with and without the trigger (image i uses seed i both times) and measure:
     asr                 share of triggered images showing the backdoor's target (when a detector applies)
     clean_target_rate   the same share among the clean images: a backdoor that leaks shows its target without
@@ -327,11 +334,13 @@ def evaluate_defense(sd, backdoor, prompts, asked=None, classifier=None, scorer=
     per_prompt          when a detector applies: per prompt, whether the target showed with and without the
                         trigger and the two scores, in prompt order, for paired tests across methods and
                         bootstrap intervals over prompts (sau.evaluation.statistics)
-    and clean_fidelity's measures on the clean images. Returns (result, triggered images, clean images)."""
+    and clean_fidelity's measures on the clean images. Returns (result, triggered images, clean images).
+    `progress`: a description for the generation bars (None: none)."""
     seeds = list(range(len(prompts)))
     kwargs = dict(steps=steps, guidance_scale=guidance)
-    triggered = generate_batched(sd, [backdoor.insert(p) for p in prompts], seeds, **kwargs)
-    clean = generate_batched(sd, list(prompts), seeds, **kwargs)
+    triggered = generate_batched(sd, [backdoor.insert(p) for p in prompts], seeds,
+                                 progress=progress and f"{progress}, triggered", **kwargs)
+    clean = generate_batched(sd, list(prompts), seeds, progress=progress and f"{progress}, clean", **kwargs)
     result, per_prompt = {"asr": None}, None
     if has_detector(backdoor, classifier, asked):
         success = lambda images: attack_success(backdoor.attack, images, classifier, asked, backdoor.target)

@@ -58,29 +58,30 @@ class Ablation(DemoRun):
 def run(job: Ablation):
     """Every (backdoor, variant, seed) cell, then the table. Returns the table's rows."""
     check(job)
-    world, paths = open_run(job, {"world": str(Path(job.world).resolve()), "splits": job.splits,
-                                  "prompts_n": job.prompts_n, "collect_prompts": job.collect_prompts,
-                                  "sample_steps": job.sample_steps, "max_steps": job.max_steps, "dtype": job.dtype})
-    names = list(paths)
-    classifier = metrics.load_classifier(world / "classifier.safetensors", job.device)
-    cells = [(name, variant, seed) for name in names for variant in job.variants for seed in range(job.seeds)]
-    bar = tqdm(total=len(cells), desc="ablation", disable=not job.progress, dynamic_ncols=True)
-    results, suspects = {}, {}
-    for name, variant, seed in cells:
-        path = cell_path(job, name, variant, seed)
-        if not path.is_file():
-            if name not in suspects:
-                suspects[name] = measure_suspect(job, name, paths[name], classifier)
-            save_json(_jsonable(run_cell(job, paths[name], suspects[name], variant, seed, classifier)), path)
-        results[name, variant, seed] = json.loads(path.read_text())
-        bar.update(1)
-    bar.close()
-    for name in names:  # the backdoored model itself, the row every variant starts from
-        if not cell_path(job, name, "none").is_file():
-            measure_suspect(job, name, paths[name], classifier)
-        results[name, "none", 0] = json.loads(cell_path(job, name, "none").read_text())
-    rows = table_rows(job, names, results)
-    write_outputs(job, rows, results)
+    settings = {"world": str(Path(job.world).resolve()), "splits": job.splits, "prompts_n": job.prompts_n,
+                "collect_prompts": job.collect_prompts, "sample_steps": job.sample_steps, "max_steps": job.max_steps,
+                "dtype": job.dtype}
+    with open_run(job, settings) as (world, paths):
+        names = list(paths)
+        classifier = metrics.load_classifier(world / "classifier.safetensors", job.device)
+        cells = [(name, variant, seed) for name in names for variant in job.variants for seed in range(job.seeds)]
+        bar = tqdm(total=len(cells), desc="ablation", disable=not job.progress, dynamic_ncols=True)
+        results, suspects = {}, {}
+        for name, variant, seed in cells:
+            path = cell_path(job, name, variant, seed)
+            if not path.is_file():
+                if name not in suspects:
+                    suspects[name] = measure_suspect(job, name, paths[name], classifier)
+                save_json(_jsonable(run_cell(job, paths[name], suspects[name], variant, seed, classifier)), path)
+            results[name, variant, seed] = json.loads(path.read_text())
+            bar.update(1)
+        bar.close()
+        for name in names:  # the backdoored model itself, the row every variant starts from
+            if not cell_path(job, name, "none").is_file():
+                measure_suspect(job, name, paths[name], classifier)
+            results[name, "none", 0] = json.loads(cell_path(job, name, "none").read_text())
+        rows = table_rows(job, names, results)
+        write_outputs(job, rows, results)
     return rows
 
 

@@ -17,7 +17,7 @@ from sau import load
 from sau.attacks.backdoor import Backdoor
 from sau.common.cli import DTYPES
 from sau.common.files import atomic_write, save_json
-from sau.common.prompts import read_prompts
+from sau.common.prompts import MAX_PROMPTS, read_prompts
 from sau.common.state import CheckpointError
 from sau.evaluation import metrics
 from sau.evaluation.report import _jsonable, bar_chart, markdown_table, percent
@@ -38,6 +38,7 @@ class Comparison:
     clip: str = None  # a CLIP scorer bundle
     prompts: str = None  # a text file, one prompt per line
     prompts_n: int = None  # use only the first n prompts
+    max_prompts: int = MAX_PROMPTS  # refuse a prompts file with more
     sample_steps: int = metrics.EVAL_STEPS
     out: str = "runs/eval"
     device: str = "cpu"
@@ -113,7 +114,7 @@ def against_original(job):
     trigger = job.trigger
     if not trigger.strip():
         raise ValueError("the trigger is empty")
-    prompts = read_prompts(job.prompts)[:job.prompts_n or None]
+    prompts = read_prompts(job.prompts, job.max_prompts)[:job.prompts_n or None]
     check_output(job.out, [job.model, job.original, job.clip, job.prompts])
     scorer = load_scorer(job.clip)
     dtype = DTYPES[job.dtype] if job.dtype else torch.float32 if job.device == "cpu" else None

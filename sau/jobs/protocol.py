@@ -23,6 +23,7 @@ builtin_prompts(sd, 512, s) (sau.baselines says how each method reads them).
       protocol.md, results.json, chart.png           the tables, every number, the chart
 A rerun resumes: cells on disk are read, not run again.
 """
+import contextlib
 import json
 import tempfile
 import time
@@ -34,7 +35,8 @@ from tqdm import tqdm
 from sau import baselines, load
 from sau.attacks.backdoor import Backdoor
 from sau.common.cli import DTYPES
-from sau.common.files import DEMO_DIR, atomic_write, claim_run_dir, save_json
+from sau.common.files import DEMO_DIR, atomic_write, save_json
+from sau.common.run_folder import claim_run_dir, hold_lock
 from sau.common.training import NonFiniteLoss
 from sau.evaluation import calibration, metrics
 from sau.evaluation.prompts import builtin_prompts
@@ -96,16 +98,16 @@ def run(job: Protocol):
     check(job)
     settings = {k: v for k, v in vars(job).items()
                 if k not in ("models", "methods", "seeds", "out", "progress", "command", "device")}
-    world, paths = open_run(job, {**settings, "world": str(Path(job.world).resolve())})
-    names = list(paths)
-    tools = Tools(job, world)
-    bar = tqdm(total=round(sum(estimate(job, *cell) for cell in plan(job, names))), desc="protocol", unit="s",
-               disable=not job.progress, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {elapsed} elapsed, about {remaining} left")
-    cells = {name: one_backdoor(job, Grid(job, name, paths[name], tools), bar) for name in names}
-    bar.close()
-    rows = report_rows(job, names, cells)
-    write_outputs(job, names, rows, sweep_rows(job, names, cells), cells)
+    with open_run(job, {**settings, "world": str(Path(job.world).resolve())}) as (world, paths):
+        names = list(paths)
+        tools = Tools(job, world)
+        bar = tqdm(total=round(sum(estimate(job, *cell) for cell in plan(job, names))), desc="protocol", unit="s",
+                   disable=not job.progress, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {elapsed} elapsed, about {remaining} left")
+        cells = {name: one_backdoor(job, Grid(job, name, paths[name], tools), bar) for name in names}
+        bar.close()
+        rows = report_rows(job, names, cells)
+        write_outputs(job, names, rows, sweep_rows(job, names, cells), cells)
     return rows
 
 
@@ -150,15 +152,18 @@ def check_reported_splits(splits):
         raise ValueError("no split to report on")
 
 
+@contextlib.contextmanager
 def open_run(job, settings):
-    """(world folder, {backdoor name: bundle path}) for a demo-world job whose output folder is job.out, once the
-    output is known not to write into any input and its cells/ folder is claimed for `settings`: a rerun may add
-    backdoors, methods or seeds to a folder, but cells measured otherwise must not be mixed in."""
+    """Around a demo-world job whose output folder is job.out: (world folder, {backdoor name: bundle path}), once
+    the output is known not to write into any input, job.out is locked for this process (two runs must not both
+    write cells) and its cells/ folder is claimed for `settings`: a rerun may add backdoors, methods or seeds to
+    a folder, but cells measured otherwise must not be mixed in."""
     world = Path(job.world)
     paths = {name: resolve_backdoored(world, name) for name in job.models or default_models(world)}
     check_output(job.out, [world, *paths.values()])
-    claim_run_dir(Path(job.out) / "cells", settings)
-    return world, paths
+    with hold_lock(job.out):
+        claim_run_dir(Path(job.out) / "cells", settings)
+        yield world, paths
 
 
 def sweep_settings(job, method):

@@ -6,6 +6,11 @@
       images.png             triggered and clean prompts, before and after, same seeds
       heatmaps.png           the trigger tokens' cross-attention per resolution, before and after
       checkpoints/           resumable training state
+      run.json               the claim: the settings and inputs that made the folder (a rerun with the same
+                             ones resumes; other ones are refused, naming the first that differs)
+      .lock                  while a run writes the folder (one at a time)
+
+An existing --out that this command did not make (no run.json, yet files) is refused; --force empties it first.
 """
 import math
 import time
@@ -14,13 +19,15 @@ from pathlib import Path
 
 from sau.attacks.backdoor import Backdoor
 from sau.common.cli import DTYPES
-from sau.common.files import DEMO_DIR, claim_run_dir, resolve_model_path
+from sau.common.files import DEMO_DIR, resolve_model_path
+from sau.common.run_folder import claim_run_dir, clear_folder, hold_lock, refuse_foreign_folder, text_sha256
 from sau.evaluation import metrics
 from sau.evaluation.prompts import builtin_prompts
 from sau.evaluation.report import heatmap_figure, image_grid, percent, write_report
 from sau.evaluation.scorer import CLIPScorer
-from sau.method import RECIPES, remove_backdoor, trigger_heatmaps
+from sau.method import RECIPES, locate, remove_backdoor, trigger_heatmaps
 from sau.models.compile import compile_model
+from sau.weights.bundle import input_fingerprint, model_files
 from sau.weights.read import load_model
 from sau.weights.write import output_format, save_model
 from sau.world import shapes
@@ -55,6 +62,7 @@ class Job:
     export: bool = False  # also write the cleaned model in the input's own format (single file / diffusers folder)
     world: str = None  # the demo world's measuring models (classifier.safetensors, scorer/); None: the shipped ones
     compile: bool = False  # torch.compile the UNet (sau/models/compile.py)
+    force: bool = False  # replace an --out that holds another run or other files: start from scratch
 
     def check(self):
         """Bad input, found before anything is loaded or written: a ValueError naming the flag."""
@@ -112,40 +120,84 @@ def describe_heat(collected):
     return "\n".join(lines)
 
 
-def evaluate(sd, backdoor, classifier, n, steps, reference=None, scorer=None):
+def evaluate(sd, backdoor, classifier, n, steps, reference=None, scorer=None, progress=None):
     """Attack success on n held-out triggered prompts; on the same prompts without the trigger the target's rate
-    and the attribute accuracy, and (given the suspect model's clean images) CLIP image similarity to them."""
+    and the attribute accuracy, and (given the suspect model's clean images) CLIP image similarity to them.
+    `progress`: the generation bars' description (None: no bars)."""
     prompts, asked = metrics.attack_prompts(backdoor, n)
-    result, triggered, clean = metrics.evaluate_defense(sd, backdoor, prompts, asked, classifier, steps=steps)
+    result, triggered, clean = metrics.evaluate_defense(sd, backdoor, prompts, asked, classifier, steps=steps,
+                                                        progress=progress)
     if reference is not None and scorer is not None:
         result["clip_similarity"] = scorer.image_similarity(clean, reference).mean().item()
     return result, triggered, clean
 
 
 def run(job: Job):
-    """Stages 1-5 (sau.method.remove_backdoor) between a measurement before and after (6, verify and write)."""
+    """Stages 1-5 (sau.method.remove_backdoor) between a measurement before and after (6, verify and write).
+    Order: the checks that need nothing, the lock on --out, the checks of the folder and the model, the claim,
+    then the long work; a refusal leaves --out as it was."""
     job.check()
     started = time.time()
-    out = Path(job.out)
-    source = resolve_model_path(job.model)
-    if out.resolve() == source.resolve() or source.resolve() in (out / "model").resolve().parents or \
-            (out / "model").resolve() == source.resolve():
-        raise ValueError(f"the output {out} would overwrite the input model {source}")
+    out, source = Path(job.out), resolve_model_path(job.model)
+    refuse_output_over_input(out, source)
+    with hold_lock(out):
+        spec = run_spec(job, source)
+        refuse_foreign_folder(out, spec, job.force, hint=START_OVER)
+        sd, backdoor, prompts = open_inputs(job, source)
+        measure = Measure(sd, backdoor, job)  # loads the world's detectors: a missing one stops the run here
+        if job.force:
+            clear_folder(out)
+        claim_run_dir(out, spec, hint=START_OVER)
+        return unlearn_and_report(job, sd, backdoor, prompts, measure, source, out, started)
+
+
+START_OVER = "pass another --out or --force to start over"
+
+
+def refuse_output_over_input(out, source):
+    """--force empties --out, so no file the model is read from (a delta bundle's base included) may lie in it,
+    and the output may not go into the input's folder either."""
+    outputs = [out.resolve(), (out / "model").resolve()]  # the second: model/ may be a link
+    for path in [source.resolve(), *model_files(source)]:
+        if any(o == path or o in path.parents or path in o.parents for o in outputs):
+            raise ValueError(f"the output {out} would overwrite the input model {source}")
+
+
+def run_spec(job, source):
+    """What the claim records: every setting that changes the trained model or the report, and the inputs'
+    fingerprints. The backdoor is not loaded yet, but the trigger flags and the model's fingerprint determine
+    it; built-in prompts are determined by the model, collect_prompts and the seed."""
+    return {"command": "unlearn", "model": str(source.resolve()), "model_fingerprint": input_fingerprint(source),
+            "trigger": job.trigger, "replaces": job.replaces,
+            "prompts_sha256": "built-in" if job.prompts is None else text_sha256(job.prompts),
+            "collect_prompts": job.collect_prompts, "recipe": vars(job_recipe(job)), "invert": job.invert,
+            "steps": job.steps, "where": job.where, "seed": job.seed, "sample_steps": job.sample_steps,
+            "dtype": job.dtype, "eval_prompts": job.eval_prompts,
+            "world": str(Path(job.world).resolve()) if job.world else None}
+
+
+def open_inputs(job, source):
+    """The model, the backdoor to remove and the prompts to collect on, and the checks that need them: every
+    refusal comes before the folder is claimed, so that a corrected rerun is not taken for another run."""
+    say(f"loading {source}")  # a full-size SD model takes a while to read
     sd = load_model(source, device=job.device, dtype=DTYPES[job.dtype])  # fp16 storage trains badly: compute dtype
     sd.unet.gradient_checkpointing = job.gradient_checkpointing
     if job.compile:  # no freezing: the UNet's weights change between its inference and training calls
         compile_model(sd.unet, freezing=False)
     backdoor = backdoor_of(sd, job)
-    recipe = job_recipe(job)
     if job.prompts is not None and not any(backdoor.trigger in p for p in job.prompts):
         raise ValueError(f"the trigger {backdoor.trigger!r} is absent from every prompt given; give triggered prompts "
                          "(or none, to use built-in prompts with the trigger inserted)")
     prompts = job.prompts or builtin_prompts(sd, job.collect_prompts, job.seed)
-    measure = Measure(sd, backdoor, job)
+    locate(sd.tokenizer, backdoor, prompts)  # remove_backdoor's first stage again, cheap: its refusals come now
+    return sd, backdoor, prompts
+
+
+def unlearn_and_report(job, sd, backdoor, prompts, measure, source, out, started):
+    """The long work, in a claimed and locked --out."""
+    recipe = job_recipe(job)
     measure.before()
     run_dir = out / "checkpoints"
-    claim_run_dir(run_dir, {"model": str(source.resolve()), "backdoor": backdoor.info(), "recipe": vars(recipe),
-                            "invert": job.invert, "steps": job.steps, "where": job.where, "seed": job.seed})
     removal = remove_backdoor(sd, backdoor, prompts, recipe, run_dir, pool=job.prompts, invert=job.invert,
                               where=job.where, seed=job.seed, steps=job.steps, sample_steps=job.sample_steps,
                               progress=job.progress, observe=lambda stage, value: tell(stage, value, sd, backdoor, job.where))
@@ -153,6 +205,7 @@ def run(job: Job):
 
     # 6. verify and write
     collected = removal.collected
+    say(f"the trigger's attention after unlearning: generating the {len(collected.prompts)} collection prompts again")
     _, heat_after = trigger_heatmaps(sd, collected.prompts, collected.positions, range(len(collected.prompts)),
                                      job.sample_steps)
     measure.after()
@@ -223,7 +276,8 @@ class Measure:
         if not self.demo:
             return
         self.result_before, self.triggered_before, self.clean_before = evaluate(
-            self.sd, self.backdoor, self.classifier, self.job.eval_prompts, self.job.sample_steps)
+            self.sd, self.backdoor, self.classifier, self.job.eval_prompts, self.job.sample_steps,
+            progress=self.job.progress and "before")
         r = self.result_before
         say(f"before: attack success {percent(r['asr'])} (target without the trigger "
             f"{percent(r['clean_target_rate'])}), clean attribute accuracy {percent(r['clean_accuracy'])} "
@@ -234,7 +288,7 @@ class Measure:
             return
         self.result_after, self.triggered_after, self.clean_after = evaluate(
             self.sd, self.backdoor, self.classifier, self.job.eval_prompts, self.job.sample_steps,
-            reference=self.clean_before, scorer=self.scorer)
+            reference=self.clean_before, scorer=self.scorer, progress=self.job.progress and "after")
         r = self.result_after
         similarity = (f", CLIP image similarity to the suspect model's clean images {r['clip_similarity']:.3f}"
                       if "clip_similarity" in r else "")

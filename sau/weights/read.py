@@ -11,12 +11,22 @@ entry points, sau.load and the command-line tools):
 - a CLIP model for scoring: a transformers CLIPModel folder or single file, or OpenAI's original names.
 Every input is checked against the model its config builds: missing, unexpected and mis-shaped keys are listed.
 
+What a malformed or hostile input gets, whatever its layout: a CheckpointError, one line naming the file, before
+any weight is loaded into a model; never an IndexError or ZeroDivisionError from arithmetic on its shapes. In order:
+- every tensor read has no dimension of size 0 and at most MAX_RANK dimensions (check_tensor_shapes);
+- every tensor the config is inferred from has the rank the inference indexes (SIZE_TENSOR_RANKS);
+- what still does not fit while the config is inferred or its model is built (on the meta device) is named (_fits);
+- that model then lists every missing, unexpected and mis-shaped key (_check_complete).
+A pickle (.ckpt, .bin) is read by sau.weights.safe_pickle: plain data only, and no code run.
+
     weights = read("v1-5-pruned-emaonly.safetensors")
     sd = load_model("stable-diffusion-2-1-base/")             # a StableDiffusion, converted in memory
 Writing, and file-to-file conversion, are sau.weights.write's.
 """
 import json
+import re
 import types
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,14 +58,66 @@ SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights"}
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
+MAX_RANK = 4  # no SD or CLIP weight has more dimensions (convs have 4)
+# The tensors a config is inferred from (by key pattern), with the ranks the inference indexes them with: convs
+# are 4-D, linears and embeddings 2-D, a transformer's proj_in either. Checked before any size is read, so a
+# wrong rank is named with its key rather than met as an IndexError. Any prefix may come before the CLIP names.
+SIZE_TENSOR_RANKS = [(re.compile(pattern), ranks) for pattern, ranks in [
+    (r"model\.diffusion_model\.(input_blocks\.0\.0|input_blocks\.\d+\.0\.out_layers\.3|out\.2)\.weight", (4,)),
+    (r"model\.diffusion_model\.middle_block\.1\.transformer_blocks\.0\.attn2\.to_k\.weight", (2,)),
+    (r"model\.diffusion_model\.middle_block\.1\.proj_in\.weight", (2, 4)),
+    (r"first_stage_model\.(encoder\.conv_in|encoder\.down\.\d+\.block\.0\.conv1|decoder\.conv_in|decoder\.conv_out"
+     r"|post_quant_conv)\.weight", (4,)),
+    (r"(.+\.)?(token_embedding\.weight|positional_embedding|position_embedding\.weight|mlp\.c_fc\.weight"
+     r"|mlp\.fc1\.weight|text_projection|text_projection\.weight|visual_projection\.weight|visual\.proj)", (2,)),
+    (r"(.+\.)?(patch_embedding\.weight|visual\.conv1\.weight)", (4,)),
+]]
+
 
 def unsupported(where, what):
     return CheckpointError(f"{where}: {what} are not supported yet (only Stable Diffusion 1.x and 2.x text-to-image)")
 
 
 def _reason(error):
-    """An exception's message without the quotes KeyError adds."""
-    return str(error.args[0]) if error.args else type(error).__name__
+    """An exception's message without the quotes KeyError adds: its first line, or its type's name."""
+    text = str(error.args[0]) if error.args else ""
+    return next((line for line in text.splitlines() if line.strip()), type(error).__name__)
+
+
+def _printable(key):
+    """A key as a one-line message can show it: a key is whatever string a file holds."""
+    return key if key.isprintable() else repr(key)
+
+
+def check_tensor_shapes(where, tensors):
+    """Refuse, in one line naming `where` and the key, a tensor no SD or CLIP weight has: a dimension of size 0,
+    more than MAX_RANK dimensions, or another rank than the one config inference reads it with."""
+    for key, value in tensors.items():
+        shape = tuple(value.shape)
+        if 0 in shape or len(shape) > MAX_RANK:
+            raise CheckpointError(f"{where}: tensor {_printable(key)} has shape {shape}; no Stable Diffusion or CLIP "
+                                  f"weight has an empty dimension or more than {MAX_RANK}")
+        ranks = next((ranks for pattern, ranks in SIZE_TENSOR_RANKS if pattern.fullmatch(key)), None)
+        if ranks and len(shape) not in ranks:
+            raise CheckpointError(f"{where}: tensor {_printable(key)} has shape {shape}; SD and CLIP models have it "
+                                  + " or ".join(f"{rank}-D" for rank in ranks))
+
+
+@contextmanager
+def _fits(where, what="tensor shapes do not fit an SD layout"):
+    """Inference and model building do arithmetic on sizes and keys; on an input they do not fit, what that
+    raises becomes one line naming `where`. CheckpointErrors pass as they are."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except KeyError as e:  # a bare key is a missing one; anything longer is a message (a layout's key maps)
+        reason = _reason(e)
+        raise CheckpointError(f"{where}: {reason if ' ' in reason else 'missing key ' + reason}") from None
+    except ValueError as e:  # the inference's own messages ("not a Stable Diffusion UNet: ...")
+        raise CheckpointError(f"{where}: {_reason(e)}") from None
+    except (IndexError, ZeroDivisionError, RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{where}: {what} ({_reason(e)})") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,15 +168,20 @@ def read(path, tokenizer=None, ema=False, prediction_type=None, upcast_attention
 
 def _read_bundle(path, **_):
     config_dict, state, tokenizer_path = read_bundle(path)
-    config = ModelConfig.from_dict(config_dict)
+    check_tensor_shapes(path, state)
+    with _fits(path / "config.json", "not a sau model config"):
+        config = ModelConfig.from_dict(config_dict)
     tokenizer = Tokenizer.from_file(tokenizer_path, pad_id=config.text.pad_id)
     return Weights(config, state, tokenizer, info=dict(config_dict.get("info", {})))
 
 
 def _read_scorer_bundle(path, **_):
     config, state, tokenizer_path = read_bundle(path, kind="clip")
-    text = _dataclass_from_dict(TextConfig, config["text"])
-    return CLIPWeights(text, _dataclass_from_dict(VisionConfig, config["vision"]), state,
+    check_tensor_shapes(path, state)
+    with _fits(path / "config.json", "not a sau CLIP config"):
+        text = _dataclass_from_dict(TextConfig, config["text"])
+        vision = _dataclass_from_dict(VisionConfig, config["vision"])
+    return CLIPWeights(text, vision, state,
                        Tokenizer.from_file(tokenizer_path, pad_id=text.pad_id))
 
 
@@ -125,26 +192,29 @@ def _read_file(path, tokenizer_path=None, ema=False, prediction_type=None):
     if UNET_PREFIX + "input_blocks.0.0.weight" in tensors:
         return _compvis_weights(path, tensors, metadata, tokenizer_path, ema, prediction_type)
     if "visual.class_embedding" in tensors or "vision_model.embeddings.class_embedding" in tensors:
-        return _clip_weights(tensors, {}, None, tokenizer_path)
+        return _clip_weights(path, tensors, {}, None, tokenizer_path)
     raise CheckpointError(f"{path}: not a Stable Diffusion 1.x/2.x or CLIP checkpoint "
                           "(no model.diffusion_model.*, vision_model.* or visual.* weights)")
 
 
 def read_tensor_file(path):
-    """(tensors, metadata) of a .safetensors file or a torch.save pickle (read without running code).
-    A Lightning checkpoint's tensors sit under `state_dict`, possibly nested."""
+    """(tensors, metadata) of a .safetensors file or a torch.save pickle (read without running code, as plain
+    data). A Lightning checkpoint's tensors sit under `state_dict`, possibly nested. Every tensor's shape is
+    checked (check_tensor_shapes)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         tensors = load_safetensors(path)
+        check_tensor_shapes(path, tensors)
         with safe_open(str(path), "pt") as f:
             return tensors, f.metadata() or {}
-    obj = load_pickled_checkpoint(path)
+    obj = load_pickled_checkpoint(path)  # plain dicts and tensors: no method here is one the pickle chose
     step = obj.get("global_step") if isinstance(obj, dict) else None
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    tensors = {k: v.detach() for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    check_tensor_shapes(path, tensors)
     return tensors, ({"global_step": str(step)} if isinstance(step, int) else {})
 
 
@@ -152,12 +222,14 @@ def read_tensor_file(path):
 
 def _compvis_weights(path, tensors, metadata, tokenizer_path, ema, prediction_type):
     state, notes = _model_tensors(path, tensors, ema)
-    channels = state[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1]
+    channels = state[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1]  # 4-D: check_tensor_shapes saw to it
     if channels == 9:
         raise unsupported(path, "inpainting checkpoints (9 UNet input channels)")
-    state, converted_openclip = _normalise_text_tower(state)
+    with _fits(path):
+        state, converted_openclip = _normalise_text_tower(state)
     if SAU_CONFIG in metadata:  # written by sau: the config is exact
-        config = ModelConfig.from_dict(json.loads(metadata[SAU_CONFIG]))
+        with _fits(path, "its sau config does not describe a model"):
+            config = ModelConfig.from_dict(json.loads(metadata[SAU_CONFIG]))
     else:
         config = _infer_config(path, state, converted_openclip)
         if config.family == "sd2":
@@ -208,14 +280,10 @@ def _infer_config(path, state, converted_openclip):
     for part, prefix in (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX), ("text encoder", text_prefix)):
         if not any(k.startswith(prefix) for k in state):
             raise CheckpointError(f"{path}: missing the {part} (no {prefix}* weights)")
-    try:
+    with _fits(path):
         unet = infer_unet_config(strip_prefix(state, UNET_PREFIX))
         vae = infer_vae_config(strip_prefix(state, VAE_PREFIX))
         text = infer_text_config(strip_prefix(state, text_prefix))
-    except KeyError as e:
-        raise CheckpointError(f"{path}: missing key {_reason(e)}") from None
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
     if converted_openclip:  # OpenCLIP's activation and padding, whatever its width
         text = replace(text, activation="gelu", pad_id=0)
     family = "sd2" if text.kind == "openclip" or text.activation == "gelu" else "sd1"
@@ -250,31 +318,29 @@ def _read_diffusers(folder, tokenizer_path=None, **_):
             raise CheckpointError(f"{folder}: a diffusers folder needs {part}/config.json")
         configs[part] = _read_json(folder / part / "config.json")
         parts[part] = _read_component(folder / part)
-    unet = unet_config_from_diffusers(configs["unet"], folder / "unet")
-    vae = vae_config_from_diffusers(configs["vae"])
-    text = _text_config_from_diffusers(configs["text_encoder"], parts["text_encoder"], folder)
+    with _fits(folder, "its config.json files do not describe an SD 1.x/2.x model"):
+        unet = unet_config_from_diffusers(configs["unet"], folder / "unet")
+        vae = vae_config_from_diffusers(configs["vae"])
+        text = _text_config_from_diffusers(configs["text_encoder"], parts["text_encoder"], folder)
     if (folder / "tokenizer").is_dir():
         tokenizer = Tokenizer.from_file(folder / "tokenizer", max_length=text.max_positions)
         text = replace(text, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     else:
         tokenizer = _fallback_tokenizer(text, tokenizer_path, folder)
-    config = ModelConfig(family="sd2" if text.activation == "gelu" else "sd1", unet=unet, vae=vae, text=text,
-                         schedule=_schedule_from_diffusers(folder),
-                         image_size=configs["unet"].get("sample_size", 64) * 2 ** (len(vae.ch_mult) - 1))
-    try:
+    with _fits(folder, "its config.json files do not describe an SD 1.x/2.x model"):
+        config = ModelConfig(family="sd2" if text.activation == "gelu" else "sd1", unet=unet, vae=vae, text=text,
+                             schedule=_schedule_from_diffusers(folder),
+                             image_size=configs["unet"].get("sample_size", 64) * 2 ** (len(vae.ch_mult) - 1))
+    with _fits(folder):
         state = compvis_from_diffusers(parts, config)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{folder}: {_reason(e)}") from None
     return Weights(config, state, tokenizer)
 
 
 def _text_config_from_diffusers(hf_config, state, folder):
     """Shapes give the sizes; transformers' config.json the activation and heads (a diffusers SD2 encoder is
     OpenCLIP's, cut to the 23 layers SD uses, under HF names: gelu, run whole)."""
-    try:
+    with _fits(folder / "text_encoder"):
         text = infer_text_config({k: v for k, v in state.items() if not k.endswith("position_ids")})
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{folder / 'text_encoder'}: {_reason(e)}") from None
     return replace(text, activation=hf_config.get("hidden_act", text.activation), skip_last_layers=0,
                    heads=hf_config.get("num_attention_heads", text.heads))
 
@@ -361,23 +427,24 @@ def _read_component(folder):
 # --- CLIP models for scoring ------------------------------------------------------------------------
 
 def _read_clip_folder(folder, **_):
-    return _clip_weights(_read_component(folder), _read_json(folder / "config.json"),
+    return _clip_weights(folder, _read_component(folder), _read_json(folder / "config.json"),
                          Tokenizer.from_file(folder), None)
 
 
-def _clip_weights(tensors, config, tokenizer, tokenizer_path):
+def _clip_weights(where, tensors, config, tokenizer, tokenizer_path):
     """CLIPWeights from transformers CLIPModel or OpenAI names; config.json (if any) gives activations and heads."""
-    if "visual.class_embedding" in tensors:
-        tensors = openai_clip_to_hf(tensors)
-    state = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}
-    text = infer_text_config(strip_prefix(state, "text_model."))
-    text = replace(text, projection_dim=state["text_projection.weight"].shape[0])
-    vision = infer_vision_config(state)
-    text_json, vision_json = config.get("text_config") or {}, config.get("vision_config") or {}
-    text = replace(text, activation=text_json.get("hidden_act", text.activation),
-                   heads=text_json.get("num_attention_heads", text.heads))
-    vision = replace(vision, activation=vision_json.get("hidden_act", vision.activation),
-                     heads=vision_json.get("num_attention_heads", vision.heads))
+    with _fits(where, "tensor shapes do not fit a CLIP layout"):
+        if "visual.class_embedding" in tensors:
+            tensors = openai_clip_to_hf(tensors)
+        state = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}
+        text = infer_text_config(strip_prefix(state, "text_model."))
+        text = replace(text, projection_dim=state["text_projection.weight"].shape[0])
+        vision = infer_vision_config(state)
+        text_json, vision_json = config.get("text_config") or {}, config.get("vision_config") or {}
+        text = replace(text, activation=text_json.get("hidden_act", text.activation),
+                       heads=text_json.get("num_attention_heads", text.heads))
+        vision = replace(vision, activation=vision_json.get("hidden_act", vision.activation),
+                         heads=vision_json.get("num_attention_heads", vision.heads))
     tokenizer = tokenizer or _fallback_tokenizer(text, tokenizer_path, "this CLIP model")
     return CLIPWeights(replace(text, pad_id=tokenizer.pad_id), vision, state, tokenizer)
 
@@ -416,7 +483,7 @@ def _check_complete(weights, path, tokenizer=True):
     """Every key the config's model has, with its shape, and nothing else; a readable list otherwise."""
     if tokenizer:
         _check_tokenizer(weights.tokenizer, weights.config.text, path)
-    with torch.device("meta"):
+    with _fits(path, "the config read from it builds no model"), torch.device("meta"):
         model = StableDiffusion(weights.config, weights.tokenizer)
     check_state_dict(types.SimpleNamespace(state_dict=model.compvis_state_dict), weights.state, what=str(path))
 
@@ -424,7 +491,7 @@ def _check_complete(weights, path, tokenizer=True):
 def _check_clip(weights, path, tokenizer=True):
     if tokenizer:
         _check_tokenizer(weights.tokenizer, weights.text, path)
-    with torch.device("meta"):
+    with _fits(path, "the config read from it builds no CLIP model"), torch.device("meta"):
         model = CLIPModel(weights.text, weights.vision)
     check_state_dict(model, weights.state, what=str(path))
 
@@ -443,7 +510,11 @@ def load_model(path, device="cpu", dtype=None, **read_options):
 
 
 def _read_json(path):
+    """A JSON object from a file (every config and index is one); CheckpointError otherwise."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return obj

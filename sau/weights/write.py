@@ -11,6 +11,17 @@ StableDiffusion, `convert` a file or folder of any layout sau.weights.read reads
     save_model(sd, "out/model")                               # a bundle, as stored
     save_model(sd, "sd15.safetensors", to="compvis", dtype=torch.float16)
     convert("sd-v1-4.ckpt", "sd14", ema=True)                 # to a bundle, or to="compvis" / "diffusers"
+
+No write replaces a bundle that a delta bundle is made on: a delta stores only what differs from its base, so
+a new base would silently turn every delta on it into another model (a clean model overwritten by a backdoored
+one hands its backdoor to them all). Before anything is written, `write` refuses, even over an existing output
+(--force), an output that is or holds
+- the base (directly or through others) of a delta bundle in the output's tree: its sibling folders and their
+  subfolders (a shallow scan, sau.weights.bundle.bundles_using);
+- a path in `protect`, or one of its bases: `convert` protects its input, a delta protects the base it is
+  written against.
+A delta elsewhere on disk is not seen by the scan: pass it in `protect`, or its base-hash check refuses it, in
+one line, once its base was replaced.
 """
 import json
 import os
@@ -25,7 +36,7 @@ from sau.common.files import atomic_write, save_json, save_safetensors
 from sau.common.state import CheckpointError, add_prefix, strip_prefix
 from sau.models.config import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX
 from sau.models.tokenizer import BOS_TOKEN, EOS_TOKEN
-from sau.weights.bundle import write_bundle
+from sau.weights.bundle import base_chain, bundles_using, write_bundle
 from sau.weights.form import SAU_CONFIG, CLIPWeights, Weights, cast
 from sau.weights.layouts.clip import hf_text_to_openclip, openclip_text_to_hf
 from sau.weights.layouts.unet import unet_to_diffusers
@@ -39,41 +50,46 @@ FORMATS = ("bundle", "compvis", "diffusers")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def write(weights, path, to="bundle", base=None):
+def write(weights, path, to="bundle", base=None, protect=()):
     """Write `weights` to `path` as a bundle folder, one CompVis .safetensors file, or a diffusers folder; a
     bundle with `base` (another bundle folder) stores only the tensors that differ from the base's. The output
-    is made under a temporary name beside `path` and renamed into place."""
+    is made under a temporary name beside `path` and renamed into place. Refuses, before writing anything, a
+    `path` that is or holds a delta's base, a path in `protect` or one of their bases (see the module docstring)."""
     if to not in FORMATS:
         raise ValueError(f"unknown output format {to!r}; choose one of {', '.join(FORMATS)}")
     if base is not None and to != "bundle":
         raise ValueError(f"only a bundle can be stored as a delta against a base, not a {to} output")
+    protect = (*protect, *([base] if base is not None else []))
     if isinstance(weights, CLIPWeights):
         if to != "bundle":
             raise CheckpointError("a CLIP model converts to a scorer bundle only (--to bundle)")
         config = {"text": asdict(weights.text), "vision": asdict(weights.vision)}
         return _write_output(path, lambda tmp: write_bundle(tmp, config, weights.state, weights.tokenizer, kind="clip",
-                                                            base=base, final_path=path))
+                                                            base=base, final_path=path), protect)
     if to == "compvis":
         metadata = {"format": "pt", SAU_CONFIG: json.dumps(weights.config.to_dict())}
-        return _write_output(path, lambda tmp: save_safetensors(compvis_state(weights), tmp, metadata=metadata))
+        return _write_output(path, lambda tmp: save_safetensors(compvis_state(weights), tmp, metadata=metadata),
+                             protect)
     if to == "diffusers":
-        return _write_output(path, lambda tmp: write_diffusers(weights, tmp))
+        return _write_output(path, lambda tmp: write_diffusers(weights, tmp), protect)
     config = {**weights.config.to_dict(), "info": weights.info}
     return _write_output(path, lambda tmp: write_bundle(tmp, config, weights.state, weights.tokenizer, base=base,
-                                                        final_path=path))
+                                                        final_path=path), protect)
 
 
-def save_model(model, path, to="bundle", dtype=None, base=None):
+def save_model(model, path, to="bundle", dtype=None, base=None, protect=()):
     """Write a StableDiffusion as a bundle (with `base`, a delta against that bundle), a CompVis file or a
     diffusers folder; `dtype` casts the stored weights (None: as they are). `model.info` (how a backdoor was
-    made, how it was removed) goes into a bundle's config.json."""
-    return write(cast(Weights.of(model), dtype), path, to, base=base)
+    made, how it was removed) goes into a bundle's config.json. `protect`: paths the output must not replace."""
+    return write(cast(Weights.of(model), dtype), path, to, base=base, protect=protect)
 
 
-def _write_output(path, write_to):
+def _write_output(path, write_to, protect=()):
     """write_to(tmp) makes the output at a temporary path beside `path`; it is then renamed into place. An
-    output being replaced (--force) is moved aside first and removed only once the new one is in place."""
+    output being replaced (--force) is moved aside first and removed only once the new one is in place; one
+    that other bundles need is refused first."""
     path = Path(path)
+    refuse_replacing_what_others_need(path, protect)
     path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
@@ -84,6 +100,29 @@ def _write_output(path, write_to):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return path
+
+
+def refuse_replacing_what_others_need(path, protect=()):
+    """Refuse an output that is (or holds) a path in `protect` or one of its bases, or the base of a delta
+    bundle in the output's tree (sau.weights.bundle.bundles_using); run before anything is written."""
+    out = Path(path).resolve()
+    for kept in protect:
+        for needed in [Path(kept).resolve(), *base_chain(kept)]:
+            if _replaces(out, needed):
+                raise ValueError(f"{path} would write over {needed}, which this write must leave as it is (its "
+                                 "input, the base of the delta it writes, a protected path, or a base of one of "
+                                 "those); choose another output")
+    for bundle, base in bundles_using(path, Path(path).parent):
+        if _replaces(out, bundle.resolve()):  # replaced along with its base: not left broken
+            continue
+        what = "is" if base == out else f"holds {base}, which is"
+        raise ValueError(f"{path} {what} the base of {bundle} (a delta bundle); writing over it would change "
+                         "that model too. Choose another output")
+
+
+def _replaces(out, folder):
+    """Whether writing `out` replaces `folder`: it is `folder` or a folder above it."""
+    return out == folder or out in folder.parents
 
 
 def compvis_state(weights):
@@ -185,22 +224,27 @@ def write_hf_tokenizer(tokenizer, folder):
 # ---------------------------------------------------------------------------------------------------
 # File to file: any input layout to any output format
 
-def convert(src, dst, to="bundle", force=False, dtype=None, **read_options):
+def convert(src, dst, to="bundle", force=False, dtype=None, protect=(), **read_options):
     """Convert `src` (any input sau.weights.read reads) to `dst`; returns the Weights written. Never writes over
-    the input. Paths are real ones: the command-line tool resolves demo names."""
+    the input, nor over its bases (a delta bundle's are part of it), nor over a path in `protect` or the base of
+    a delta next to `dst`, even with `force`. Paths are real ones: the command-line tool resolves demo names."""
     src, dst = Path(src), Path(dst)
     _check_output_path(src, dst, to, force)
     weights = cast(read(src, **read_options), dtype)
-    write(weights, dst, to)
+    write(weights, dst, to, protect=(src, *protect))
     return weights
 
 
 def _check_output_path(src, dst, to, force):
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or folder")
-    a, b = src.resolve(), dst.resolve()
-    if a == b or a in b.parents or b in a.parents:
-        raise ValueError(f"{dst} is the input or overlaps it; choose another output path")
+    b = dst.resolve()
+    for i, a in enumerate([src.resolve(), *base_chain(src)]):  # a delta's bases are read as part of the input
+        if a == b or a in b.parents or b in a.parents:
+            relation = "is" if a == b else f"overlaps {a}, which is"
+            raise ValueError(f"{dst} is the input or overlaps it; choose another output path" if i == 0 else
+                             f"{dst} {relation} a base of the input {src} (a delta bundle); writing over it would "
+                             "change the input too. Choose another output path")
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} exists; pass --force to replace it")
     if to == "compvis" and dst.suffix != ".safetensors":

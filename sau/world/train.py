@@ -31,7 +31,7 @@ from sau.models.tokenizer import Tokenizer
 from sau.models.unet import UNet
 from sau.models.vae import AutoencoderKL
 from sau.weights.read import load_model
-from sau.weights.write import save_model
+from sau.weights.write import refuse_replacing_what_others_need, save_model
 from sau.world import shapes
 from sau.world.classifier import AttributeClassifier, classification_loss
 
@@ -245,6 +245,11 @@ def train_world(run_dir, out_dir=DEMO_DIR, command="python train.py world", step
     """All stages, then the shipped files (fp16), the measured quality and a manifest with sha256 of each file.
     The clean model and the classifier are shipped before the scorer trains, so attacks can start meanwhile."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    try:  # before hours of training, not at the save: a new clean model under the shipped deltas changes them
+        refuse_replacing_what_others_need(out_dir / "clean")
+    except ValueError as e:
+        raise ValueError(f"{e}: train into another --out, or delete the backdoored bundles first (`python train.py "
+                         "backdoors --demo-dir` rebuilds them on the new world)") from None
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     tokenizer = train_tokenizer(run_dir)
