@@ -5,6 +5,7 @@
     python eval.py --quick                # the same grid, 1 seed, each method's default, 16 prompts (a smoke run)
     python eval.py --models pixel,tpa --methods none,uce,sau_default --out runs/eval-small
     python eval.py --ablation --seeds 3   # SAU's parts switched off one by one (sau/jobs/ablation.py)
+    python eval.py --detect               # trigger-agnostic detection and localization (sau/jobs/detection.py)
     python eval.py --model CLEANED --original SUSPECT --trigger TEXT --clip CLIP --prompts FILE
 
 The protocol writes protocol.md, results.json and chart.png to --out, and keeps every run in --out/cells, so a
@@ -18,7 +19,7 @@ from sau.baselines import METHODS
 from sau.common import cli
 from sau.common.files import DEMO_DIR
 from sau.common.prompts import MAX_PROMPTS, decode_escapes
-from sau.jobs import ablation, compare, protocol
+from sau.jobs import ablation, compare, detection, protocol
 
 QUICK = {"seeds": 1, "prompts_n": 16, "tune_n": 16, "sweep": False, "max_steps": 150}  # under 10 min on 2 cores
 
@@ -53,6 +54,9 @@ def main():
     parts.add_argument("--ablation", action="store_true", help="SAU's default recipe with each part switched off")
     parts.add_argument("--variants", type=cli.comma_list, default=list(ablation.VARIANTS),
                        help="comma separated, from " + ", ".join(ablation.VARIANTS))
+    detecting = p.add_argument_group("trigger-agnostic detection (--detect)")
+    detecting.add_argument("--detect", action="store_true", help="the detectors of sau/detect.py on every demo "
+                           "backdoor, fitted on clean tune prompts, the clean model as the negative control")
     real_model = p.add_argument_group("a cleaned model against its original (any SD model)")
     real_model.add_argument("--model", help="the cleaned model (bundle, or any checkpoint weights_convert.py reads)")
     real_model.add_argument("--original", help="the suspect model it was cleaned from")
@@ -72,6 +76,9 @@ def main():
         return compare.run(comparison(o))
     refuse(o, ("original", "trigger", "replaces", "clip", "prompts", "max_prompts", "compile"),
            "applies only with --model")
+    if o["detect"]:
+        refuse(o, ("methods", "variants", "ablation", "seeds", "max_steps", "quick"), "does not apply to --detect")
+        return detection.run(detection_job(o))
     if o["ablation"]:
         refuse(o, ("methods", "tune_n"), "does not apply to --ablation")
         return ablation.run(ablation_job(o))
@@ -79,7 +86,7 @@ def main():
     protocol.run(protocol_job(o))
 
 
-DEFAULTS = {"methods": list(METHODS), "tune_n": protocol.Protocol.tune_n, "variants": list(ablation.VARIANTS),
+DEFAULTS = {"methods": list(METHODS), "tune_n": protocol.Protocol.tune_n, "variants": list(ablation.VARIANTS), "seeds": 3,
             "max_prompts": MAX_PROMPTS}
 
 
@@ -110,6 +117,14 @@ def protocol_job(o):
                              max_steps=o["max_steps"] or quick.get("max_steps"),
                              out=o["out"] or protocol.Protocol.out, device=o["device"],
                              dtype=o["dtype"] or "float32", progress=o["progress"], command=o["command"])
+
+
+def detection_job(o):
+    return detection.Detection(world=o["world"], models=o["models"], splits=o["splits"],
+                               prompts_n=o["prompts_n"] or detection.Detection.prompts_n, tune_n=o["tune_n"],
+                               sample_steps=o["sample_steps"], out=o["out"] or detection.Detection.out,
+                               device=o["device"], dtype=o["dtype"] or "float32", progress=o["progress"],
+                               command=o["command"])
 
 
 def ablation_job(o):

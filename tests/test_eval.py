@@ -341,6 +341,31 @@ def test_ablation_quick_writes_its_table(world, tmp_path, monkeypatch, capsys):
     assert {len(r["asr_counts"]) for r in rows} == {1} and "no-mask" in (tmp_path / "q" / "ablation.md").read_text()
 
 
+def test_detect_writes_its_table_with_the_clean_model_as_control(world, tmp_path, monkeypatch, capsys):
+    code, _, err = run_eval(["--detect", "--models", "pixel", "--prompts-n", "4", "--tune-n", "10", "--sample-steps",
+                             "2", "--no-progress", "--world", str(world), "--out", str(tmp_path / "d")],
+                            monkeypatch, capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "d" / "results.json").read_text())["rows"]
+    assert [(r["split"], r["detector"]) for r in rows] == [(s, d) for s in ("test", "ood")
+                                                            for d in ("ftt", "cda", "daa_i", "layers")]
+    for r in rows:
+        assert 0 <= r["auroc"] <= 1 and 0 <= r["recall"] <= 1 and 0 <= r["clean_model_flagged"] <= 1
+        exact, tried = r["exact_localization"]
+        assert 0 <= exact <= tried <= 4
+    assert "clean model, triggered flagged" in (tmp_path / "d" / "detection.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--detect", "--methods", "uce"], "--methods does not apply to --detect"),
+    (["--detect", "--splits", "tune"], "unknown split 'tune'"),
+])
+def test_detect_bad_input_is_one_line_and_writes_nothing(world, tmp_path, monkeypatch, capsys, extra, message):
+    code, _, err = run_eval([*extra, "--world", str(world), "--out", str(tmp_path / "d")], monkeypatch, capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--variants", "default,no-softmax"], "unknown ablation term 'no-softmax'"),
     (["--seeds", "0"], "--seeds: must be an integer >= 1"),

@@ -228,6 +228,12 @@ class Tokenizer:
             row[:len(ids)] = torch.tensor(ids)
         return rows
 
+    def token_offsets(self, prompt):
+        """Each prompt token's (start, end) character span in the cleaned text (clean_text(prompt)), in order;
+        start and end tokens not included."""
+        (encoding,), _ = self._tokens([prompt])
+        return list(encoding.offsets)
+
     def token_positions(self, prompt, substring):
         """Positions (bos = 0) of the tokens that `substring` covers in `prompt`, all occurrences, sorted.
 
