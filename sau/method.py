@@ -366,7 +366,7 @@ def invert_trigger(sd, collected, run_dir, k=4, steps=200, lr=1e-3, seed=0, prog
         prediction = sd.unet(x_t, t, context)
         return F.mse_loss(prediction.float(), sd.schedule.training_target(latents, noise, t).float()), {}
 
-    Trainer("invert", holder, [embeds], steps, run_dir, lr=lr, grad_clip=1.0, save_every=100).run(
+    Trainer("invert", {"trigger": holder}, [embeds], steps, run_dir, lr=lr, grad_clip=1.0, save_every=100).run(
         loss_fn, log_every=10, progress=progress)
     return embeds.detach()
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from sau.attacks.backdoor import Backdoor
-from sau.method import (RECIPES, aligned_positions, alignment, away_from_trigger, collect, locate, text_encoder_shift,
-                        trigger_positions,
-                     triggered_pairs, unlearn_text_encoder, unlearn_unet)
+from sau.method import (RECIPES, aligned_positions, alignment, away_from_trigger, collect, invert_trigger, locate,
+                        text_encoder_shift, trigger_positions, triggered_pairs, unlearn_text_encoder, unlearn_unet)
 from sau.models.tokenizer import Tokenizer
 
 from conftest import make_tiny_sd, unlearn
@@ -76,6 +75,20 @@ def test_unlearning_suppresses_the_trigger_attention_on_a_tiny_model(tmp_path):
     only_attn2 = {n for n, p in sd.unet.named_parameters()}
     assert only_attn2  # the run left the model frozen and in eval mode again
     assert not any(p.requires_grad for p in sd.unet.parameters()) and not sd.unet.training
+
+
+def test_inversion_learns_embeddings_that_reproduce_the_collection_and_resumes(tmp_path):
+    """Stage 4: K embeddings fitted by the textual-inversion loss, checkpointed like every trainer (a rerun reads
+    them back instead of training again)."""
+    sd = make_tiny_sd(seed=1)
+    prompts = ["a red circle", "a big blue square in the top left", "green star, centered", "a small yellow cross"]
+    collected = collect(sd, locate(sd.tokenizer, ZW, prompts), seeds=range(4), steps=3, guidance_scale=3.0)
+    first = invert_trigger(sd, collected, tmp_path, k=2, steps=20, lr=1e-2, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "invert.log.jsonl").read_text().splitlines()]
+    assert first.shape == (2, sd.config.text.width) and torch.isfinite(first).all()
+    assert log[-1]["step"] == 20 and (tmp_path / "invert.pt").is_file()
+    again = invert_trigger(sd, collected, tmp_path, k=2, steps=20, lr=1e-2, progress=False)
+    assert torch.equal(first, again)
 
 
 def test_negative_guidance_pushes_the_target_past_the_clean_prediction():
