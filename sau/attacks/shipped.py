@@ -85,6 +85,8 @@ def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None
         raise ValueError(f"--train must be one of {', '.join(TRAINABLE)}, got {train!r}")
     patch = load_patch(backdoor.target) if attack == "pixel" else None
     prompt_list = read_prompts(prompts, max_prompts) if prompts else None
+    if progress:
+        print(f"loading {model_path}", flush=True)  # a full-size SD model takes a while to read
     sd = load_model(model_path, device=device)
     stored_dtype = sd.stored_dtype  # a backdoored copy is stored as its input was (fp16 for the demo)
     sd.float()

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from sau import load
 from sau.attacks.backdoor import Backdoor
@@ -132,22 +131,20 @@ def against_original(job):
     prompts = [p for p in prompts if backdoor.can_insert(p)]
     if not prompts:
         raise ValueError(f"the trigger {trigger!r} cannot be put into any of the prompts")
-    rows = []
-    with tqdm(total=2, desc="eval", disable=not job.progress) as bar:
-        reference = None
-        for label, sd in (("original", original), ("cleaned", cleaned)):
-            with metrics.measure_cost(job.device) as cost:
-                result, _, clean = metrics.evaluate_defense(sd, backdoor, prompts, scorer=scorer, original=reference,
-                                                            references=reference, steps=job.sample_steps)
-            reference = clean if reference is None else reference
-            info = sd.info.get("unlearned", {})
-            rows.append({"model": label, "path": str(job.model if label == "cleaned" else job.original),
-                         "backdoor": backdoor.info(), "method": label, "label": label, **result,
-                         "clip_similarity": result.get("clip_similarity", 1.0), "steps": info.get("steps", "n/a"),
-                         "changes": info.get("site", "n/a" if label == "cleaned" else "nothing"),
-                         "seconds": cost["seconds"], "peak_memory_mb": cost["peak_memory_mb"],
-                         "memory_scope": cost["memory_scope"]})
-            bar.update(1)
+    rows, reference = [], None
+    for label, sd in (("original", original), ("cleaned", cleaned)):  # each generation shows its progress bar
+        with metrics.measure_cost(job.device) as cost:
+            result, _, clean = metrics.evaluate_defense(sd, backdoor, prompts, scorer=scorer, original=reference,
+                                                        references=reference, steps=job.sample_steps,
+                                                        progress=job.progress and label)
+        reference = clean if reference is None else reference
+        info = sd.info.get("unlearned", {})
+        rows.append({"model": label, "path": str(job.model if label == "cleaned" else job.original),
+                     "backdoor": backdoor.info(), "method": label, "label": label, **result,
+                     "clip_similarity": result.get("clip_similarity", 1.0), "steps": info.get("steps", "n/a"),
+                     "changes": info.get("site", "n/a" if label == "cleaned" else "nothing"),
+                     "seconds": cost["seconds"], "peak_memory_mb": cost["peak_memory_mb"],
+                     "memory_scope": cost["memory_scope"]})
     panels = [("trigger effect: 1 - CLIP similarity of a triggered image to its clean twin", "trigger_effect"),
               ("CLIP image similarity to the original's clean images (axis from 0.5)", "clip_similarity", (0.5, 1))]
     if rows[0]["asr"] is not None:
