@@ -162,6 +162,8 @@ CASES = {
     "convert-over-a-delta-base": ("weights_convert.py", ["demo/pixel", "demo/clean", "--force"], "demo/clean"),
     "convert-over-a-base-in-the-tree": ("weights_convert.py", ["tiny", "demo/clean", "--force"],
                                         "is the base of"),
+    "unlearn-out-holds-the-inputs-base": ("unlearn.py", ["--model", "demo/pixel", "--out", "demo", "--force"],
+                                          "would overwrite the input model"),
     "unlearn-base-is-itself": ("unlearn.py", ["--model", "selfbase", "--trigger", TRIGGER, "--out", "out"],
                                "base chain comes back"),
     "convert-config-not-json": ("weights_convert.py", ["badconfig", "converted"], "badconfig"),
