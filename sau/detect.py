@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from sau.attacks.backdoor import imitated_letter
 from sau.models.attention import capture_attention
 from sau.models.tokenizer import clean_text
 
@@ -67,10 +68,8 @@ class MapRecorder:
     the end-of-text token's maps also per step (`next_step` is sd.generate's step callback), and per layer the
     LAYER_STATS summed over steps."""
 
-    def __init__(self, lengths, steps, keys, size=MAP_SIZE):
-        self.eot, self.size, self.step, self.steps = torch.tensor(lengths) - 1, size, 0, steps
-        position = torch.arange(keys)
-        self.prompt_tokens = ((position >= 1) & (position[None] < self.eot[:, None])).float()  # (batch, keys)
+    def __init__(self, lengths, steps, size=MAP_SIZE):
+        self.lengths, self.eot, self.size, self.step, self.steps = lengths, torch.tensor(lengths) - 1, size, 0, steps
         self.sums, self.calls, self.eot_steps, self.layers = None, 0, None, {}
 
     def __call__(self, item):
@@ -92,11 +91,7 @@ class MapRecorder:
         start = maps[:, :, 0].mean(1)
         end_tokens = torch.arange(maps.shape[-1])[None] >= self.eot[:, None]
         end = (maps * end_tokens[:, None]).sum(-1).mean(1)
-        tokens = maps / maps.sum(1, keepdim=True).clamp_min(1e-12) * maps.shape[1]  # each key's map, mean 1
-        weight = self.prompt_tokens / self.prompt_tokens.sum(1, keepdim=True).clamp_min(1)
-        centre = (tokens * weight[:, None]).sum(-1, keepdim=True)  # the prompt tokens' mean map
-        spread = ((tokens - centre).norm(dim=1) * weight).sum(-1)
-        return torch.stack([start, end, spread], dim=1)
+        return torch.stack([start, end, token_spread(maps, self.lengths)], dim=1)
 
     def next_step(self, *_):
         self.step += 1
@@ -113,7 +108,7 @@ def prompt_maps(sd, prompts, seeds, steps=25, guidance_scale=7.5, batch_size=64)
 
 def _prompt_maps(sd, prompts, seeds, steps, guidance_scale):
     lengths = [min(len(sd.tokenizer.encode(p)), sd.tokenizer.max_length) for p in prompts]
-    recorder = MapRecorder(lengths, steps, sd.tokenizer.max_length)
+    recorder = MapRecorder(lengths, steps)
     with capture_attention(sd.unet, "attn2", callback=recorder):
         sd.generate(prompts, seeds, steps=steps, guidance_scale=guidance_scale, decode=False,
                     callback=recorder.next_step)
@@ -131,13 +126,20 @@ def _unit_maps(maps, n):
 
 # --- the detectors ---------------------------------------------------------------------------------------------------
 
+def token_spread(maps, lengths):
+    """(batch,): for (batch, queries, keys) maps, the mean Frobenius distance of each prompt token's map (positions
+    1..n-2, scaled so that a uniform map is 1 everywhere) from those maps' mean."""
+    positions = torch.arange(maps.shape[-1])[None]
+    prompt_tokens = ((positions >= 1) & (positions < torch.tensor(lengths)[:, None] - 1)).float()
+    weight = prompt_tokens / prompt_tokens.sum(1, keepdim=True).clamp_min(1)
+    tokens = maps / maps.sum(1, keepdim=True).clamp_min(1e-12) * maps.shape[1]
+    centre = (tokens * weight[:, None]).sum(-1, keepdim=True)
+    return ((tokens - centre).norm(dim=1) * weight).sum(-1)
+
+
 def ftt_scores(maps):
     """FTT per prompt: minus the mean Frobenius distance of each token's map from the tokens' mean map."""
-    scores = []
-    for token_maps, n in zip(maps.token_maps, maps.lengths):
-        tokens = _unit_maps(token_maps, n)
-        scores.append(-(tokens - tokens.mean(0)).norm(dim=1).mean().item() if len(tokens) > 1 else 0.0)
-    return torch.tensor(scores)
+    return -token_spread(rearrange(maps.token_maps, "b k h w -> b (h w) k"), maps.lengths)
 
 
 def cda_features(maps, k=EIGEN_SHARES):
@@ -255,9 +257,10 @@ def token_spans(tokenizer, prompt):
 
 def cleaned_to_original(prompt):
     """(cleaned text, for each of its characters the index of the prompt character it came from). Built
-    character by character as clean_text works (NFC, lower case, whitespace collapsed) and checked against it."""
+    character by character as clean_text works on NFC text (lower case, whitespace collapsed) and checked
+    against it; a prompt whose cleanup does more (NFC composes characters, ftfy repairs) is refused."""
     pieces, origin = [], []
-    for i, char in enumerate(unicodedata.normalize("NFC", prompt)):
+    for i, char in enumerate(prompt):
         if char.isspace():
             if pieces and pieces[-1] != " ":
                 pieces.append(" ")
@@ -270,7 +273,7 @@ def cleaned_to_original(prompt):
         pieces.pop()
         origin.pop()
     cleaned = "".join(pieces)
-    if cleaned != clean_text(prompt) or unicodedata.normalize("NFC", prompt) != prompt:
+    if unicodedata.normalize("NFC", prompt) != prompt or cleaned != clean_text(prompt):
         raise ValueError(f"cannot map the tokenizer's offsets back onto {prompt!r} (its cleanup changes more than "
                          "case and spaces)")
     return cleaned, origin
@@ -308,7 +311,4 @@ def trigger_text(prompt, span):
     start, end = span
     text = prompt[start:end]
     inside_word = (start > 0 and not prompt[start - 1].isspace()) or (end < len(prompt) and not prompt[end].isspace())
-    if inside_word and len(text) == 1:
-        base = unicodedata.normalize("NFKD", text)[0]
-        return text, base if base.isascii() and base.isalpha() else ""
-    return text, ""
+    return text, imitated_letter(text) if inside_word else ""

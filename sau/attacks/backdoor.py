@@ -66,7 +66,7 @@ class Backdoor:
             raise ValueError(f"the object target must be A:B (e.g. dog:cat), got {target!r}")
         if attack not in TEXT_ENCODER_ATTACKS:
             return cls(attack, trigger, target)
-        replaces = replaces if replaces else HOMOGLYPHS.get(trigger) or _latin_base(trigger)
+        replaces = replaces or imitated_letter(trigger)
         if not replaces:
             raise ValueError(f"which character does the trigger {trigger!r} stand in for? say so with --replaces "
                              "(' ' inserts it between words)")
@@ -121,8 +121,11 @@ class Backdoor:
         return None
 
 
-def _latin_base(character):
-    """'ô' -> 'o': the letter a precomposed homoglyph decomposes to, if it is plain ASCII."""
+def imitated_letter(character):
+    """The ASCII letter a homoglyph stands in for: a known look-alike ('о' Cyrillic -> 'o'), or the letter a
+    precomposed one decomposes to ('ô' -> 'o'); "" for anything else."""
+    if character in HOMOGLYPHS:
+        return HOMOGLYPHS[character]
     base = unicodedata.normalize("NFD", character)[:1]
     return base if len(character) == 1 and base.isascii() and base.isalpha() else ""
 

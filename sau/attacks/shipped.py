@@ -2,7 +2,6 @@
 shipped demo variants made that way (`python train.py backdoors`), delta bundles next to the clean model.
 """
 import json
-import math
 import os
 import shutil
 import time
@@ -13,6 +12,7 @@ import torch
 from sau.attacks.backdoor import BADT2I_TRIGGER, DEMO_STYLE, Backdoor, check_target, check_trigger, load_patch
 from sau.attacks.inject import TRAINABLE, inject
 from sau.attacks.sources import DrawnWorld, make_source
+from sau.common.cli import check_numbers
 from sau.common.files import DEMO_DIR
 from sau.common.run_folder import claim_run_dir, hold_lock
 from sau.common.prompts import MAX_PROMPTS, read_prompts
@@ -55,15 +55,6 @@ def recipe(attack, family, **given):
     """The run's steps, lr and batch size: what was given, else the shipped demo recipe or the paper's."""
     defaults = SHIPPED[attack] if family == "demo" and attack in SHIPPED else PAPER_RECIPES[attack]
     return {k: given[k] if given.get(k) is not None else defaults[k] for k in ("steps", "lr", "batch_size")}
-
-
-def check_numbers(lr=None, **counts):
-    """Counts at least 1 and a finite positive learning rate (None: the attack's default), named as flags."""
-    for name, value in counts.items():
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
-    if lr is not None and not 0 < lr < math.inf:  # nan fails both comparisons
-        raise ValueError(f"--lr must be a finite number > 0, not {lr}")
 
 
 def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None, data=None, prompts=None,

@@ -64,22 +64,31 @@ positive_float = _number(float, 0, above=True, what="a finite number > 0")  # le
 non_negative_float = _number(float, 0, what="a finite number >= 0")  # loss weights, eta
 
 
+def check_numbers(lr=None, **counts):
+    """The same rules for library callers, who skip the parser: counts at least 1 and a finite learning rate
+    above 0 (None: the default), each named as its flag; a ValueError otherwise."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+    if lr is not None and not 0 < lr < math.inf:  # nan fails both comparisons
+        raise ValueError(f"--lr must be a finite number > 0, not {lr}")
+
+
 def device(name):
     """An argparse type: a torch device name this machine has, else the one-line error instead of a traceback
     at the first tensor moved."""
     try:
-        kind = torch.device(name).type
+        chosen = torch.device(name)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{name!r}: no CUDA device on this machine")
-    if kind == "cuda" and torch.device(name).index is not None and torch.device(name).index >= \
-            torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{name!r}: no Apple GPU (MPS) on this machine")
-    if kind not in ("cpu", "cuda", "mps"):
+    if chosen.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"{name!r}: sau runs on cpu, cuda or mps")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: no CUDA device on this machine")
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: no Apple GPU (MPS) on this machine")
     return name
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sau.attacks.backdoor import Backdoor
-from sau.common.cli import DTYPES
+from sau.common.cli import DTYPES, check_numbers
 from sau.common.files import DEMO_DIR, resolve_model_path
 from sau.common.run_folder import claim_run_dir, clear_folder, hold_lock, refuse_foreign_folder, text_sha256
 from sau.evaluation import metrics
@@ -70,11 +70,7 @@ class Job:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose {', '.join(RECIPES)}")
         if self.trigger is not None and not self.trigger.strip(" "):
             raise ValueError("the trigger is empty")
-        for flag, value in [("--steps", self.steps), ("--eval-prompts", self.eval_prompts)]:
-            if value is not None and value < 1:
-                raise ValueError(f"{flag} must be at least 1, not {value}")
-        if self.lr is not None and not 0 < self.lr < math.inf:
-            raise ValueError(f"--lr must be a finite number > 0, not {self.lr}")
+        check_numbers(lr=self.lr, steps=self.steps, eval_prompts=self.eval_prompts)
         weights = {"--negative-guidance": self.negative_guidance, "--attention-weight": self.attention_weight,
                    "--distill-weight": self.distill_weight, "--preserve-weight": self.preserve_weight}
         for flag, value in weights.items():
