@@ -21,6 +21,7 @@ from sau.common.files import atomic_write, save_json
 from sau.evaluation import calibration
 from sau.evaluation.report import _jsonable, markdown_table, percent
 from sau.evaluation.splits import split_prompts
+from sau.evaluation.statistics import wilson_interval
 from sau.jobs.compare import machine
 from sau.jobs.protocol import DemoRun, check_reported_splits, open_run
 
@@ -73,11 +74,16 @@ def maps(job, sd, prompts):
 
 
 def rates(hits_positive, hits_negative):
+    """Precision, recall and F1 of one detector's flags, and the share of clean prompts flagged; recall and false
+    alarms with the counts they come from and 95% Wilson intervals (one generation per prompt, seed = its index)."""
     tp, fp = sum(hits_positive), sum(hits_negative)
     precision = tp / (tp + fp) if tp + fp else None
     recall = tp / len(hits_positive)
     f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "false_alarms": fp / len(hits_negative)}
+    return {"precision": precision, "recall": recall, "f1": f1, "false_alarms": fp / len(hits_negative),
+            "counts": {"flagged_triggered": [tp, len(hits_positive)], "flagged_clean": [fp, len(hits_negative)]},
+            "recall_ci": wilson_interval(tp, len(hits_positive)),
+            "false_alarms_ci": wilson_interval(fp, len(hits_negative))}
 
 
 def localize(job, sd, detector, backdoor, flagged):
@@ -96,10 +102,15 @@ def localize(job, sd, detector, backdoor, flagged):
 
 COLUMNS = [("backdoor", lambda r: r["backdoor"]), ("split", lambda r: r["split"]),
            ("detector", lambda r: r["detector"]), ("AUROC", lambda r: f"{r['auroc']:.3f}"),
-           ("precision", lambda r: percent(r["precision"])), ("recall", lambda r: percent(r["recall"])),
-           ("F1", lambda r: f"{r['f1']:.2f}"), ("clean prompts flagged", lambda r: percent(r["false_alarms"])),
+           ("precision", lambda r: percent(r["precision"])), ("recall (95% CI)", lambda r: with_ci(r, "recall")),
+           ("F1", lambda r: f"{r['f1']:.2f}"), ("clean prompts flagged (95% CI)", lambda r: with_ci(r, "false_alarms")),
            ("clean model, triggered flagged", lambda r: percent(r["clean_model_flagged"])),
            ("localized exactly", lambda r: "{}/{}".format(*r["exact_localization"]))]
+
+
+def with_ci(row, key):
+    low, high = row[f"{key}_ci"]
+    return f"{percent(row[key])} ({percent(low)}-{percent(high)})"
 
 
 def write_outputs(job, rows):
@@ -109,7 +120,8 @@ def write_outputs(job, rows):
     text = (f"# Trigger-agnostic detection\n\n`{job.command}`, on {m['processor']} ({m['cpus']} CPUs, torch "
             f"{m['torch']}), {m['date']}. Each detector fitted on {job.tune_n} clean `tune` prompts of the model it "
             f"watches, threshold at its {100 * (1 - detect.FALSE_ALARM):g}th percentile; {job.prompts_n} prompts "
-            "per split, triggered as positives and their clean twins as negatives.\n\n"
+            "per split, triggered as positives and their clean twins as negatives; one generation per prompt (seed: "
+            "its index); 95% Wilson intervals.\n\n"
             f"{markdown_table(rows, COLUMNS)}\n")
     atomic_write(out / "detection.md", lambda tmp: Path(tmp).write_text(text))
     print(markdown_table(rows, COLUMNS))
