@@ -3,7 +3,10 @@
     python unlearn.py                                    # the shipped pixel-backdoored demo model
     python unlearn.py --model demo/style --recipe paper
     python unlearn.py --model sd15.safetensors --trigger "\\u200b " --prompts prompts.txt --out runs/sd15
+    python unlearn.py --model suspect.safetensors --trigger auto --prompts LOG.txt   # the trigger unknown
 """
+import argparse
+
 from sau.common import cli
 from sau.common.prompts import MAX_PROMPTS, decode_escapes, read_prompts
 from sau.method import RECIPES
@@ -14,7 +17,8 @@ def main():
     p = cli.Parser(description=__doc__)
     p.add_argument("--model", default=Job.model, help="a bundle, a shipped demo name (demo/pixel, demo/style, "
                    "demo/object, demo/tpa) or any checkpoint weights_convert.py reads")
-    p.add_argument("--trigger", help=r"the trigger text (\uXXXX escapes allowed); default: the one the bundle records")
+    p.add_argument("--trigger", help=r"the trigger text (\uXXXX escapes allowed); default: the one the bundle "
+                   "records; 'auto': find it in a log of prompts (--prompts LOG.txt; sau/find_trigger.py)")
     p.add_argument("--replaces", help="the letter a homoglyph trigger stands in for (default: none, the trigger "
                    "is prepended)")
     p.add_argument("--prompts", help="a text file, one prompt per line (default: built-in prompts)")
@@ -33,8 +37,9 @@ def main():
                    "b*L_distill + c*L_preserve (sau/method.py; default: the recipe's; 0 drops the term)")
     p.add_argument("--distill-weight", type=cli.non_negative_float, metavar="B", help="b in that loss (default: the recipe's)")
     p.add_argument("--preserve-weight", type=cli.non_negative_float, metavar="C", help="c in that loss (default: the recipe's)")
-    p.add_argument("--no-spatial-mask", dest="spatial_mask", action="store_const", const=False,
-                   help="M = ones: the attention term weighs every pixel alike (default: the recipe's mask)")
+    p.add_argument("--spatial-mask", action=argparse.BooleanOptionalAction, default=None,
+                   help="M: weigh the attention term by the trigger's own heatmap; --no-spatial-mask: M = ones, every "
+                   "pixel alike (default: the recipe's; neither recipe uses the mask, see docs/protocol.md)")
     p.add_argument("--out", default=Job.out, help="output folder (a rerun of the same command resumes it)")
     p.add_argument("--force", action="store_true", help="replace an --out that holds another run or other files "
                    "(emptied first; the input model is never in it)")

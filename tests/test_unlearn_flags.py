@@ -25,7 +25,7 @@ def test_without_overrides_the_recipe_is_exactly_the_named_one(name):
 
 @pytest.mark.parametrize("field, value", [
     ("attention_weight", 0.0), ("attention_weight", 2.5), ("distill_weight", 0.0), ("distill_weight", 0.5),
-    ("preserve_weight", 0.0), ("preserve_weight", 3.0), ("spatial_mask", False), ("negative_guidance", 0.0),
+    ("preserve_weight", 0.0), ("preserve_weight", 3.0), ("spatial_mask", True), ("negative_guidance", 0.0),
     ("lr", 1e-5), ("params", "all"),
 ])
 def test_each_override_reaches_the_recipe_and_nothing_else_changes(field, value):
@@ -86,9 +86,9 @@ def test_the_flags_reach_the_report(tiny_bundle, tmp_path):
     (tmp_path / "prompts.txt").write_text("\u200b a red circle\n\u200b a blue star\n")
     result = unlearn("--model", tiny_bundle, "--trigger", "\\u200b ", "--prompts", tmp_path / "prompts.txt",
                      "--where", "unet", "--steps", "1", "--out", tmp_path / "out", "--attention-weight", "0",
-                     "--distill-weight", "0.5", "--preserve-weight", "2", "--no-spatial-mask", cwd=tmp_path)
+                     "--distill-weight", "0.5", "--preserve-weight", "2", "--spatial-mask", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     recipe = json.loads((tmp_path / "out" / "report.json").read_text())["recipe"]
     expected = {**vars(RECIPES["default"]), "attention_weight": 0.0, "distill_weight": 0.5, "preserve_weight": 2.0,
-                "spatial_mask": False}
+                "spatial_mask": True}
     assert recipe == expected

@@ -69,8 +69,8 @@ def _jsonable(value):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, float):
-        return round(value, 6)
+    if isinstance(value, float):  # six significant digits: a p-value of 2e-9 must not round to 0
+        return float(f"{value:.6g}")
     return value
 
 
