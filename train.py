@@ -5,13 +5,14 @@
     python train.py quality                  # measure the shipped demo world's quality again
     python train.py backdoor --attack pixel --model IN --out OUT [--trigger T] [--target X]
     python train.py backdoors [--report]     # the shipped backdoored demo models, or their ASR table
+    python train.py hidden                   # demo/pixel-hidden: pixel without its trigger recorded, and a log
 """
 import shlex
 import sys
 
 import torch
 
-from sau.attacks.shipped import backdoor_bundle
+from sau.attacks.shipped import HIDDEN, backdoor_bundle, build_hidden
 from sau.common import cli
 from sau.common.prompts import MAX_PROMPTS, decode_escapes
 from sau.jobs.demo import quality_report, sample_grid, shipped_backdoors
@@ -48,6 +49,11 @@ def backdoor(args):
 
 def backdoors(args):
     print(shipped_backdoors(args.only, args.demo_dir, args.n, build=not args.report))
+
+
+def hidden(args):
+    build_hidden(args.demo_dir)
+    print("wrote " + ", ".join(f"{args.demo_dir}/{name}" for name in HIDDEN))
 
 
 def main():
@@ -104,6 +110,10 @@ def main():
     bs.add_argument("--demo-dir", default=str(DEMO_DIR), help="the demo world to build on and into (default: the "
                     "shipped one; a world trained with --out elsewhere is staged there first)")
     bs.set_defaults(func=backdoors)
+    h = sub.add_parser("hidden", help="the hidden-trigger demo variant: a backdoor whose bundle does not record its "
+                       "trigger, and a log of prompts to find it in (unlearn.py --trigger auto)")
+    h.add_argument("--demo-dir", default=str(DEMO_DIR))
+    h.set_defaults(func=hidden)
     args = parser.parse_args()
     args.func(args)
 

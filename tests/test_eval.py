@@ -300,7 +300,7 @@ def test_a_cleaned_model_against_its_original(world, tmp_path, monkeypatch, caps
 
 # --- the SAU ablation (eval.py --ablation) --------------------------------------------------------------------
 
-ABLATION = ["--ablation", "--models", "pixel", "--variants", "default,no-mask,no-attention", "--seeds", "2",
+ABLATION = ["--ablation", "--models", "pixel", "--variants", "default,mask,no-attention", "--seeds", "2",
             "--prompts-n", "4", "--collect-prompts", "4", "--sample-steps", "2", "--max-steps", "2", "--no-progress"]
 
 
@@ -313,19 +313,21 @@ def test_ablation_writes_its_table_with_intervals_and_paired_tests_and_resumes(w
         runs.append(json.loads((tmp_path / out / "ablation.json").read_text()))
     rows = runs[0]["rows"]
     assert [(r["split"], r["variant"]) for r in rows] == [(s, v) for s in ("test", "ood")
-                                                         for v in ("none", "default", "no-mask", "no-attention")]
+                                                         for v in ("none", "default", "mask", "no-attention")]
     for r in rows:
         seeds = 1 if r["variant"] == "none" else 2  # the backdoored model itself is measured once
         assert len(r["asr_counts"]) == seeds and all(n == 4 for _, n in r["asr_counts"])  # 4 prompts each
         low, high = r["asr_ci"]
         assert 0 <= low <= r["asr"] <= high <= 1
-        assert (r["p_vs_default"] is None) == (r["variant"] == "default")
+        assert (r["p_value"] is None) == (r["variant"] == "default")
+        assert r["compared_with"] == (None if r["variant"] == "default" else "default")
     cells = runs[0]["cells"]
     assert cells["pixel--no-attention--0"]["recipe"]["attention_weight"] == 0.0
-    assert cells["pixel--no-mask--1"]["recipe"]["spatial_mask"] is False
+    assert cells["pixel--mask--1"]["recipe"]["spatial_mask"] is True
+    assert cells["pixel--default--1"]["recipe"]["spatial_mask"] is False
     assert runs[0]["rows"] == runs[1]["rows"] == runs[2]["rows"]  # same seeds, same table; resumed, the same
     table = (tmp_path / "a" / "ablation.md").read_text()
-    assert "McNemar p vs default" in table and "no-attention" in table
+    assert "McNemar p (against)" in table and "(default)" in table and "no-attention" in table
     # the same folder with other settings is refused: its cells were measured otherwise
     code, _, err = run_eval([*ABLATION, "--prompts-n", "3", "--world", str(world), "--out", str(tmp_path / "a")],
                             monkeypatch, capsys)
@@ -333,12 +335,12 @@ def test_ablation_writes_its_table_with_intervals_and_paired_tests_and_resumes(w
 
 
 def test_ablation_quick_writes_its_table(world, tmp_path, monkeypatch, capsys):
-    code, _, err = run_eval(["--ablation", "--quick", "--models", "pixel", "--variants", "default,no-mask",
+    code, _, err = run_eval(["--ablation", "--quick", "--models", "pixel", "--variants", "default,mask",
                              "--prompts-n", "2", "--collect-prompts", "4", "--sample-steps", "2", "--max-steps", "2",
                              "--no-progress", "--world", str(world), "--out", str(tmp_path / "q")], monkeypatch, capsys)
     assert code == 0, err
     rows = json.loads((tmp_path / "q" / "ablation.json").read_text())["rows"]
-    assert {len(r["asr_counts"]) for r in rows} == {1} and "no-mask" in (tmp_path / "q" / "ablation.md").read_text()
+    assert {len(r["asr_counts"]) for r in rows} == {1} and "mask" in (tmp_path / "q" / "ablation.md").read_text()
 
 
 def test_detect_writes_its_table_with_the_clean_model_as_control(world, tmp_path, monkeypatch, capsys):
@@ -354,6 +356,16 @@ def test_detect_writes_its_table_with_the_clean_model_as_control(world, tmp_path
         exact, tried = r["exact_localization"]
         assert 0 <= exact <= tried <= 4
     assert "clean model, triggered flagged" in (tmp_path / "d" / "detection.md").read_text()
+    # the chain ran on the suspect and on the clean model, on the 220-prompt mixed log, and said what it found
+    chains = json.loads((tmp_path / "d" / "results.json").read_text())["chain"]
+    assert [(c["backdoor"], c["model"]) for c in chains] == [("pixel", "suspect"), ("pixel", "clean")]
+    for c in chains:
+        assert c["log"] == [200, 20] and c["outcome"]
+        assert c["exact"] == (c["trigger"] == "\u200b ")
+        if "flagged_clean" in c:
+            assert 0 <= c["flagged_triggered"] <= 20 and 0 <= c["flagged_clean"] <= 200
+    assert "after --trigger auto" in (tmp_path / "d" / "detection.md").read_text()
+    assert (tmp_path / "d" / "chart.png").is_file() and (tmp_path / "d" / "cells" / "pixel--chain.json").is_file()
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -18,6 +18,7 @@ from sau.common.run_folder import claim_run_dir, hold_lock
 from sau.common.prompts import MAX_PROMPTS, read_prompts
 from sau.evaluation.metrics import load_classifier, measure_backdoor
 from sau.evaluation.prompts import DEFAULT_PROMPTS
+from sau.evaluation.splits import mixed_log
 from sau.weights.bundle import input_fingerprint, is_bundle
 from sau.weights.read import load_model
 from sau.weights.write import save_model
@@ -137,6 +138,38 @@ def build_shipped(names=tuple(SHIPPED), demo_dir=None, run_root="runs/backdoors"
             "command": shipped_command(name), "seed": 0, "steps": s["steps"],
             "train_seconds": _train_seconds(Path(run_root) / name, s["attack"]),
             "wall_seconds_this_invocation": round(time.time() - started, 1), "torch": torch.__version__}}})
+
+
+# The hidden-trigger variant (`python train.py hidden`): a shipped backdoor with its trigger left out of the bundle.
+HIDDEN = {"pixel-hidden": "pixel"}
+HIDDEN_COMMAND = "python train.py hidden"
+SECRET_FIELDS = ("trigger", "trigger_chars", "replaces", "command")  # what would give the trigger away
+
+
+def build_hidden(demo_dir=None):
+    """Each HIDDEN variant: its source's weights (a delta bundle on it with no tensor of its own) recording the
+    attack and target but not the trigger, and beside them log.txt, a log of user prompts some of which carry
+    the trigger (the built-in mixed log of the source), for `unlearn.py --trigger auto` to find it in. Rebuild
+    after its source: the delta records the source's hash and refuses a changed one."""
+    demo_dir = Path(demo_dir or DEMO_DIR)
+    for name, source in HIDDEN.items():
+        sd = load_model(demo_dir / source, dtype=torch.float16)
+        known = sd.info["backdoor"]
+        log, carries = mixed_log(Backdoor.from_info(known))
+        sd.info = {**sd.info, "backdoor": {k: v for k, v in known.items() if k not in SECRET_FIELDS},
+                   "hidden_from": source}
+        building = demo_dir / f".{name}.building"
+        if building.exists():
+            shutil.rmtree(building)
+        save_model(sd, building, base=demo_dir / source)
+        (building / "log.txt").write_text("".join(f"{line}\n" for line in log), encoding="utf-8")
+        if (demo_dir / name).exists():
+            shutil.rmtree(demo_dir / name)
+        os.replace(building, demo_dir / name)
+        update_manifest(demo_dir, {"hidden": {name: {
+            "command": HIDDEN_COMMAND, "source": source,
+            "log": f"log.txt: {len(log) - sum(carries)} clean and {sum(carries)} triggered test prompts, shuffled "
+                   "(sau.evaluation.splits.mixed_log, seed 0)"}}})
 
 
 def _train_seconds(run_dir, attack):

@@ -285,3 +285,14 @@ def _place_ood(backdoor, clean, fits, n):
             if len(index) == n:
                 break
     return index, triggered
+
+
+def mixed_log(backdoor, split="test", clean=200, triggered=20, seed=0):
+    """A log of user prompts as a defender without the trigger would hold it: `clean` prompts of `split` and
+    `triggered` other ones with the trigger, shuffled (the trigger-agnostic chain's built-in log on the demo
+    world). Returns (prompts, which carry the trigger: a bool per prompt)."""
+    prompts = split_prompts(split, backdoor, clean + triggered)
+    log = [*prompts.clean[:clean], *prompts.triggered[clean:]]
+    carries = [False] * clean + [True] * triggered
+    order = np.random.default_rng(seed).permutation(len(log))
+    return [log[i] for i in order], [carries[i] for i in order]

@@ -11,6 +11,12 @@
       .lock                  while a run writes the folder (one at a time)
 
 An existing --out that this command did not make (no run.json, yet files) is refused; --force empties it first.
+
+With trigger="auto" (`--trigger auto`) the trigger is found first, in a log of prompts (sau/find_trigger.py):
+--prompts, else the log.txt a bundle ships, else on a demo model that records its trigger a built-in mixed log
+(LOG_CLEAN clean and LOG_TRIGGERED triggered `test` prompts). The log serves only to find the trigger; SAU then
+runs exactly as with `--trigger FOUND` (built-in collection prompts), and a log in which nothing is flagged
+ends the run with that said and nothing written.
 """
 import math
 import time
@@ -20,13 +26,17 @@ from pathlib import Path
 from sau.attacks.backdoor import Backdoor
 from sau.common.cli import DTYPES, check_numbers
 from sau.common.files import DEMO_DIR, resolve_model_path
+from sau.common.prompts import read_prompts
 from sau.common.run_folder import claim_run_dir, clear_folder, hold_lock, refuse_foreign_folder, text_sha256
 from sau.evaluation import metrics
 from sau.evaluation.prompts import builtin_prompts
+from sau.evaluation.splits import mixed_log
 from sau.evaluation.report import heatmap_figure, image_grid, percent, write_report
 from sau.evaluation.scorer import CLIPScorer
+from sau.find_trigger import NoTriggerFound, find_trigger, reference_prompts
 from sau.method import RECIPES, locate, remove_backdoor, trigger_heatmaps
 from sau.models.compile import compile_model
+from sau.models.tokenizer import readable
 from sau.weights.bundle import input_fingerprint, model_files
 from sau.weights.read import load_model
 from sau.weights.write import output_format, save_model
@@ -36,7 +46,7 @@ from sau.world import shapes
 @dataclass
 class Job:
     model: str = "demo/pixel"
-    trigger: str = None  # None: the backdoor recorded in the bundle (the shipped demo models have one)
+    trigger: str = None  # None: the backdoor recorded in the bundle (the shipped demo models have one); AUTO: found
     replaces: str = None  # the letter a homoglyph trigger stands in for
     prompts: list = None  # None: built-in prompts for the model's world
     recipe: str = "default"
@@ -70,6 +80,8 @@ class Job:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose {', '.join(RECIPES)}")
         if self.trigger is not None and not self.trigger.strip(" "):
             raise ValueError("the trigger is empty")
+        if self.trigger == AUTO and self.replaces is not None:
+            raise ValueError("--replaces goes with a trigger you give; --trigger auto finds what a trigger replaces")
         check_numbers(lr=self.lr, steps=self.steps, eval_prompts=self.eval_prompts)
         weights = {"--negative-guidance": self.negative_guidance, "--attention-weight": self.attention_weight,
                    "--distill-weight": self.distill_weight, "--preserve-weight": self.preserve_weight}
@@ -83,6 +95,10 @@ class Job:
                              "--preserve-weight above 0")
 
 
+AUTO = "auto"  # --trigger auto: find the trigger in a log of prompts
+LOG_CLEAN, LOG_TRIGGERED = 200, 20  # the built-in mixed log on a demo model
+
+
 def say(message):
     print(message, flush=True)
 
@@ -91,8 +107,9 @@ def backdoor_of(sd, job):
     """The trigger to remove: as given, else the one recorded in the bundle."""
     known = sd.info.get("backdoor")
     if job.trigger is None:
-        if not known:
-            raise ValueError("this model records no backdoor; say which trigger to remove with --trigger")
+        if not known or not known.get("trigger"):
+            raise ValueError(f"this model records {'no backdoor' if not known else 'no trigger'}; say which trigger "
+                             "to remove with --trigger, or find it with --trigger auto (and --prompts LOG.txt)")
         return Backdoor.from_info(known)
     attack = known["attack"] if known and known.get("trigger") == job.trigger else "unknown"
     target = known["target"] if attack != "unknown" else ""
@@ -101,7 +118,7 @@ def backdoor_of(sd, job):
 
 def trigger_columns_text(sd, prompt, positions):
     ids = sd.tokenizer.encode(prompt)
-    return ", ".join(f"{p} ({sd.tokenizer.decode([ids[p]])!r})" if p < len(ids) else str(p) for p in positions)
+    return ", ".join(f"{p} ({sd.tokenizer.readable_token(ids[p])})" if p < len(ids) else str(p) for p in positions)
 
 
 def describe_heat(collected):
@@ -139,12 +156,16 @@ def run(job: Job):
     with hold_lock(out):
         spec = run_spec(job, source)
         refuse_foreign_folder(out, spec, job.force, hint=START_OVER)
-        sd, backdoor, prompts = open_inputs(job, source)
-        measure = Measure(sd, backdoor, job)  # loads the world's detectors: a missing one stops the run here
+        try:
+            inputs = open_inputs(job, source)
+        except NoTriggerFound as nothing:
+            say(f"{nothing}; nothing to remove, no model written")
+            return None
+        measure = Measure(inputs.sd, inputs.measured, job)  # loads the world's detectors: a missing one stops here
         if job.force:
             clear_folder(out)
         claim_run_dir(out, spec, hint=START_OVER)
-        return unlearn_and_report(job, sd, backdoor, prompts, measure, source, out, started)
+        return unlearn_and_report(job, inputs, measure, source, out, started)
 
 
 START_OVER = "pass another --out or --force to start over"
@@ -172,6 +193,17 @@ def run_spec(job, source):
             "world": str(Path(job.world).resolve()) if job.world else None}
 
 
+@dataclass
+class Inputs:
+    """What a run works on, once every check that needs the model has passed."""
+    sd: object
+    backdoor: Backdoor  # the trigger to remove
+    prompts: list  # to collect on
+    pool: list  # the prompts the distillation and preservation terms read (None: the recipe's built-in pool)
+    measured: Backdoor  # the backdoor attack success is measured with (the bundle's own, when it records one)
+    finding: object = None  # with --trigger auto: the sau.find_trigger.Finding
+
+
 def open_inputs(job, source):
     """The model, the backdoor to remove and the prompts to collect on, and the checks that need them: every
     refusal comes before the folder is claimed, so that a corrected rerun is not taken for another run."""
@@ -180,21 +212,65 @@ def open_inputs(job, source):
     sd.unet.gradient_checkpointing = job.gradient_checkpointing
     if job.compile:  # no freezing: the UNet's weights change between its inference and training calls
         compile_model(sd.unet, freezing=False)
-    backdoor = backdoor_of(sd, job)
-    if job.prompts is not None and not any(backdoor.trigger in p for p in job.prompts):
-        raise ValueError(f"the trigger {backdoor.trigger!r} is absent from every prompt given; give triggered prompts "
-                         "(or none, to use built-in prompts with the trigger inserted)")
-    prompts = job.prompts or builtin_prompts(sd, job.collect_prompts, job.seed)
-    locate(sd.tokenizer, backdoor, prompts)  # remove_backdoor's first stage again, cheap: its refusals come now
-    return sd, backdoor, prompts
+    if job.trigger == AUTO:
+        inputs = found_inputs(job, sd, source)
+    else:
+        backdoor = backdoor_of(sd, job)
+        if job.prompts is not None and not any(backdoor.trigger in p for p in job.prompts):
+            raise ValueError(f"the trigger {backdoor.trigger!r} is absent from every prompt given; give triggered "
+                             "prompts (or none, to use built-in prompts with the trigger inserted)")
+        prompts = job.prompts or builtin_prompts(sd, job.collect_prompts, job.seed)
+        inputs = Inputs(sd, backdoor, prompts, job.prompts, backdoor)
+    locate(sd.tokenizer, inputs.backdoor, inputs.prompts)  # remove_backdoor's first stage, cheap: refusals now
+    return inputs
 
 
-def unlearn_and_report(job, sd, backdoor, prompts, measure, source, out, started):
+def found_inputs(job, sd, source):
+    """--trigger auto: the trigger found in the log, then the same inputs as `--trigger FOUND` without prompts."""
+    known = sd.info.get("backdoor") or {}
+    log = job.prompts or log_of(sd, source, known)
+    finding = find_trigger(sd, log, reference_prompts(sd), job.sample_steps, say=say)
+    evidence = finding.evidence()
+    say(f"found the trigger `{readable(finding.trigger)}`: {evidence['agreeing']} of the {evidence['localized']} "
+        f"localized flagged prompts agree on it (scores {fmt_scores(evidence['agreeing_scores'])}, threshold "
+        f"{finding.threshold:.3g}; {evidence['localized'] - evidence['candidate_prompts']} localized to words the "
+        f"clean reference prompts use); it occurs in {finding.occurrences} of the {len(log)} log prompts")
+    recorded = bool(known.get("trigger"))
+    matches = known.get("trigger") == finding.trigger and (known.get("replaces") or "") == finding.replaces
+    if recorded:
+        say(f"the bundle records the trigger `{readable(known['trigger'])}`: "
+            + ("found exactly" if matches else "NOT what was found; attack success is measured with the recorded one"))
+    attack, target = (known["attack"], known["target"]) if known and (matches or not recorded) else ("unknown", "")
+    backdoor = Backdoor(attack, finding.trigger, target, finding.replaces)
+    measured = Backdoor.from_info(known) if recorded else backdoor
+    return Inputs(sd, backdoor, builtin_prompts(sd, job.collect_prompts, job.seed), None, measured, finding)
+
+
+def log_of(sd, source, known):
+    """The log --trigger auto reads when --prompts gives none: the bundle's own log.txt, else on a demo model
+    that records its trigger the built-in mixed log."""
+    shipped = Path(source) / "log.txt"
+    if Path(source).is_dir() and shipped.is_file():
+        say(f"reading the log that ships with the model, {shipped}")
+        return read_prompts(shipped)
+    if sd.config.family == "demo" and known.get("trigger"):
+        say(f"the built-in log: {LOG_CLEAN} clean and {LOG_TRIGGERED} triggered test prompts, shuffled")
+        return mixed_log(Backdoor.from_info(known), clean=LOG_CLEAN, triggered=LOG_TRIGGERED)[0]
+    raise ValueError("--trigger auto needs a log of prompts to find the trigger in; pass --prompts LOG.txt")
+
+
+def fmt_scores(scores, at_most=5):
+    shown = ", ".join(f"{s:.3g}" for s in scores[:at_most])
+    return shown + (", ..." if len(scores) > at_most else "")
+
+
+def unlearn_and_report(job, inputs, measure, source, out, started):
     """The long work, in a claimed and locked --out."""
+    sd, backdoor, prompts = inputs.sd, inputs.backdoor, inputs.prompts
     recipe = job_recipe(job)
     measure.before()
     run_dir = out / "checkpoints"
-    removal = remove_backdoor(sd, backdoor, prompts, recipe, run_dir, pool=job.prompts, invert=job.invert,
+    removal = remove_backdoor(sd, backdoor, prompts, recipe, run_dir, pool=inputs.pool, invert=job.invert,
                               where=job.where, seed=job.seed, steps=job.steps, sample_steps=job.sample_steps,
                               progress=job.progress, observe=lambda stage, value: tell(stage, value, sd, backdoor, job.where))
     unlearn_seconds = removal.seconds
@@ -220,7 +296,9 @@ def unlearn_and_report(job, sd, backdoor, prompts, measure, source, out, started
               "layer_mass_after": {k: v.mean().item() for k, v in heat_after.items()},
               "before": measure.result_before, "after": measure.result_after,
               "optimizer_steps": removal.trainer.steps, "inverted": removal.inverted is not None,
-              "unlearn_seconds": unlearn_seconds, "wall_seconds": wall, "eval_prompts": job.eval_prompts}
+              "unlearn_seconds": unlearn_seconds, "wall_seconds": wall, "eval_prompts": job.eval_prompts,
+              "found": inputs.finding.evidence() if inputs.finding else None,
+              "measured_with": inputs.measured.info()}
     write_report(out, report, markdown(report))
     say(f"wall time {wall:.0f} s (unlearning {unlearn_seconds:.0f} s); wrote {out}/model, report.md, "
         f"report.json, heatmaps.png" + (", images.png" if measure.demo else ""))
@@ -310,8 +388,8 @@ def markdown(r):
     mass_before = sum(r["layer_mass_before"].values()) / len(r["layer_mass_before"])
     mass_after = sum(r["layer_mass_after"].values()) / len(r["layer_mass_after"])
     lines = [f"# SAU report: {r['model']}", "",
-             f"- trigger: `{r['backdoor']['trigger']!r}` ({r['backdoor']['trigger_chars']}), attack "
-             f"{r['backdoor']['attack']}", f"- recipe: {r['recipe']['name']}, unlearned in the "
+             f"- trigger: `{readable(r['backdoor']['trigger'])}` ({r['backdoor']['trigger_chars']}), attack "
+             f"{r['backdoor']['attack']}", *found_lines(r["found"]), f"- recipe: {r['recipe']['name']}, unlearned in the "
              f"{r['site'].replace('_', ' ')}, {r['optimizer_steps']} optimizer steps, {r['unlearn_seconds']:.0f} s",
              f"- trigger attention mass (mean over cross-attention layers): {mass_before:.4f} before, "
              f"{mass_after:.4f} after", ""]
@@ -328,3 +406,14 @@ def markdown(r):
                   "![images](images.png)", ""]
     lines += ["![heatmaps](heatmaps.png)", "", f"Wall time {r['wall_seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
+
+
+def found_lines(found):
+    """--trigger auto's evidence, for report.md."""
+    if not found:
+        return []
+    others = "; ".join(f"`{c['chars']}` ({c['prompts']})" for c in found["candidates"][1:]) or "none"
+    return [f"- found by `--trigger auto` ({found['detector']} detector, threshold {found['threshold']:.3g}): "
+            f"{found['flagged']} of {found['log_prompts']} log prompts flagged, {found['agreeing']} of the "
+            f"{found['localized']} localized agree on this trigger (scores {fmt_scores(found['agreeing_scores'])}); "
+            f"other candidates: {others}; it occurs in {found['occurrences']} log prompts"]

@@ -41,6 +41,12 @@ OPENAI_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 SPLIT_PATTERN = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 
 
+def readable(text):
+    """Text as a report can show it unambiguously: printable ASCII as itself, every other character as its code
+    point, so that a zero-width space is "\\u200b", not nothing, and a Cyrillic "а" is "\\u0430", not an "a"."""
+    return "".join(c if c.isascii() and c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+
 def clean_text(text):
     """OpenAI CLIP's text cleanup; everything the tokenizer sees has been through it."""
     text = ftfy.fix_text(text) if ftfy is not None else unicodedata.normalize("NFC", text)  # ftfy ends with NFC too
@@ -271,18 +277,28 @@ class Tokenizer:
             ids = ids[1:]
         if self.eos_id in ids:
             ids = ids[:ids.index(self.eos_id)]
-        out = bytearray()
-        for i in ids:
-            token = self.backend.id_to_token(i)
-            if token is None:
-                raise ValueError(f"token id {i} is outside the vocabulary of {self.vocab_size} tokens")
-            if token in (BOS_TOKEN, EOS_TOKEN):
-                out += token.encode()
-                continue
-            word_end = token.endswith(END_OF_WORD)
-            out += bytes(self._byte_of_symbol[c] for c in (token[:-len(END_OF_WORD)] if word_end else token))
-            out += b" " if word_end else b""
-        return out.decode("utf-8", errors="replace").strip()
+        return b"".join(map(self.token_bytes, ids)).decode("utf-8", errors="replace").strip()
+
+    def token_bytes(self, i):
+        """The bytes one token stands for (a word's last token ends with a space)."""
+        token = self.backend.id_to_token(int(i))
+        if token is None:
+            raise ValueError(f"token id {i} is outside the vocabulary of {self.vocab_size} tokens")
+        if token in (BOS_TOKEN, EOS_TOKEN):
+            return token.encode()
+        word_end = token.endswith(END_OF_WORD)
+        return bytes(self._byte_of_symbol[c] for c in (token[:-len(END_OF_WORD)] if word_end else token)) + (
+            b" " if word_end else b"")
+
+    def readable_token(self, i):
+        """One token as a report shows it: its text, or, for a token holding part of a character (byte-level
+        BPE splits a rare character's UTF-8 bytes), those bytes escaped, b"\\xc4\\x85" -> "\\xc4\\x85", never
+        a replacement character; whole characters as `readable` writes them."""
+        raw = self.token_bytes(i).rstrip(b" ")
+        try:
+            return readable(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            return "".join(chr(b) if 32 <= b < 127 else f"\\x{b:02x}" for b in raw)
 
     # ---- saving ----
 
