@@ -138,8 +138,9 @@ def elect(votes, min_agreeing):
         raise NoTriggerFound("no trigger found: no flagged prompt localizes to a string the clean prompts lack")
     text, indices = max(votes.items(), key=lambda kv: len(kv[1]))
     if len(indices) < min_agreeing:
-        raise NoTriggerFound(f"no trigger found: the flagged prompts localize to {len(votes)} different strings and "
-                         f"at most {len(indices)} agree (at least {min_agreeing} must)")
+        raise NoTriggerFound(f"no trigger found: the localized flagged prompts name {len(votes)} string"
+                             f"{'s' if len(votes) > 1 else ''} the clean prompts lack, and at most {len(indices)} of "
+                             f"them agree (at least {min_agreeing} must)")
     return text
 
 

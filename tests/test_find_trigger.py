@@ -33,7 +33,8 @@ def test_nothing_flagged_is_an_answer_and_everything_flagged_is_refused():
 def test_the_string_most_flagged_prompts_agree_on_wins():
     votes = {"\u200b ": [4, 9, 12], "red ": [1], "circle ": [2, 3]}
     assert ft.elect(votes, min_agreeing=3) == "\u200b "
-    with pytest.raises(ft.NoTriggerFound, match="3 different strings and at most 3 agree \\(at least 4 must\\)"):
+    with pytest.raises(ft.NoTriggerFound, match="name 3 strings the clean prompts lack, and at most 3 of them "
+                                                "agree \\(at least 4 must\\)"):
         ft.elect(votes, min_agreeing=4)
     with pytest.raises(ft.NoTriggerFound, match="no flagged prompt localizes"):
         ft.elect({}, min_agreeing=1)

@@ -4,6 +4,7 @@ from the student, as it does after the first step, so that no term is zero by co
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -48,7 +49,8 @@ def documented_loss(sd, teacher, collected, pool, recipe, seed):
     for item in maps:  # (rows, heads, pixels, tokens)
         mass = torch.stack([item.probs[r, :, :, collected.positions[i]].sum(-1) for r, i in enumerate(rows.tolist())])
         heat = collected.heatmaps[item.layer]
-        l_attn = l_attn + ((heat / heat.max()).flatten() * mass).pow(2).mean()
+        mask = (heat / heat.max()).flatten() if recipe.spatial_mask else torch.ones_like(heat.flatten())
+        l_attn = l_attn + (mask * mass).pow(2).mean()
 
     def y(x, tt, clean, trig):
         return teacher(x, tt, clean) - eta * (teacher(x, tt, trig) - teacher(x, tt, clean))
@@ -60,7 +62,8 @@ def documented_loss(sd, teacher, collected, pool, recipe, seed):
     return a * l_attn + b * l_distill + c * l_preserve, (l_attn, l_distill, l_preserve)
 
 
-def test_the_documented_formula_is_the_trained_loss(tmp_path, monkeypatch):
+@pytest.mark.parametrize("spatial_mask", [False, True])  # the default recipe's M = ones, and --spatial-mask
+def test_the_documented_formula_is_the_trained_loss(tmp_path, monkeypatch, spatial_mask):
     sd = make_tiny_sd(seed=5)
     teacher = make_tiny_sd(seed=6).unet.requires_grad_(False)  # same topology, other weights
     monkeypatch.setattr("sau.method.frozen_copy", lambda module: teacher)
@@ -68,7 +71,7 @@ def test_the_documented_formula_is_the_trained_loss(tmp_path, monkeypatch):
     pool = triggered_pairs(ZW, POOL)
     # weights that differ from each other and from 1, so a swapped or dropped term shows
     recipe = replace(RECIPES["default"], attention_weight=0.7, distill_weight=1.3, preserve_weight=0.4,
-                     negative_guidance=0.5, batch_size=3)
+                     negative_guidance=0.5, batch_size=3, spatial_mask=spatial_mask)
     expected, (l_attn, l_distill, l_preserve) = documented_loss(sd, teacher, collected, pool, recipe, seed=11)
     trainer = unlearn_unet(sd, collected, recipe, tmp_path, seed=11, steps=1, pool=pool, progress=False)
     logged = json.loads(trainer.log_path.read_text().splitlines()[0])

@@ -165,8 +165,8 @@ def test_a_short_run_on_the_shipped_pixel_backdoor_removes_most_of_it(tmp_path):
     assert report["after"]["clean_accuracy"] >= report["before"]["clean_accuracy"] - 0.1
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
     assert (tmp_path / "out" / "heatmaps.png").exists() and (tmp_path / "out" / "images.png").exists()
-    # the same numbers as the code measured before its restructure into packages (a reorganisation changes no
-    # result); a CPU whose float rounding differs may move the last digits, not the counts. Measures added to
+    # the same numbers as recorded (tests/data/short_pixel_run.json says when and how): a reorganisation changes no
+    # result; a CPU whose float rounding differs may move the last digits, not the counts. Measures added to
     # the report since (before/after keys the recording lacks) are not compared
     recorded = json.loads((ROOT / "tests" / "data" / "short_pixel_run.json").read_text())
     for key in ("before", "after"):

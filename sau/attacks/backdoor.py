@@ -76,7 +76,11 @@ class Backdoor:
 
     @classmethod
     def from_info(cls, info):
-        """From a bundle's sd.info["backdoor"]."""
+        """From a bundle's sd.info["backdoor"]. A hidden-trigger bundle (demo/pixel-hidden) records none: that is
+        said, with what to do, rather than a bare KeyError."""
+        if "trigger" not in info:
+            raise ValueError(f"the model records a {info.get('attack', 'backdoor')} attack but not its trigger; give "
+                             "it with --trigger, or find it with unlearn.py --trigger auto")
         return cls(info["attack"], info["trigger"], info["target"], info.get("replaces", ""))
 
     def info(self):

@@ -163,6 +163,8 @@ def add_attack_success(job, chains):
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     rate = {(r["backdoor"], r["method"]): r for r in rows if r["split"] == "test"}
     for row in chains:
+        if row["model"] != "suspect":  # the clean model has no backdoor to measure
+            continue
         before, known = rate.get((row["backdoor"], "none")), rate.get((row["backdoor"], "sau_default"))
         row["asr_before"] = before and before["asr"]
         row["asr_known"] = known and {"asr": known["asr"], "ci": known["asr_ci"], "setting": known["setting"]}
