@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from sau import detect
-from sau.evaluation.prompts import builtin_prompts
 from sau.attacks.backdoor import imitated_letter
+from sau.evaluation.prompts import builtin_prompts
 from sau.models.tokenizer import readable
 
 DETECTOR = "layers"  # the one detector that separates anything on the demo world (docs/detection.md)
@@ -50,7 +50,7 @@ class NoTriggerFound(Exception):
 @dataclass
 class Finding:
     trigger: str  # as the prompts hold it, byte for byte; a word of its own keeps one trailing space (BadT2I's form)
-    replaces: str  # the Latin letter a homoglyph inside a word stands in for, else ""
+    replaces: str  # the Latin letter a one-character homoglyph trigger stands in for, else ""
     detector: str
     threshold: float
     scores: list  # every log prompt's score, in log order
@@ -81,10 +81,10 @@ def find_trigger(sd, log, reference, steps=25, detector=DETECTOR, localize_at_mo
     say(f"scoring the {len(log)} prompts of the log")
     scores = fitted.score(detect.prompt_maps(sd, log, list(range(len(log))), steps))
     flagged = flag(scores, fitted.threshold)
-    finding = Finding("", "", detector, fitted.threshold, scores.tolist(), flagged)
-    say(f"{len(flagged)} of {len(log)} prompts flagged; localizing the trigger in the "
-        f"{min(len(flagged), localize_at_most)} highest-scoring")
-    finding.localized = min(len(flagged), localize_at_most)
+    finding = Finding("", "", detector, fitted.threshold, scores.tolist(), flagged,
+                      localized=min(len(flagged), localize_at_most))
+    say(f"{len(flagged)} of {len(log)} prompts flagged; localizing the trigger in the {finding.localized} "
+        "highest-scoring")
     for i in flagged[:finding.localized]:
         candidate = localize(sd, fitted, log[i], seed=i, steps=steps)
         if candidate is not None:
