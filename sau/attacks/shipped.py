@@ -1,6 +1,7 @@
 """Backdoored bundles: a model in, a backdoored bundle out (what `python train.py backdoor` runs), and the
 shipped demo variants made that way (`python train.py backdoors`), delta bundles next to the clean model.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -119,21 +120,29 @@ def shipped_command(name):
             f"--batch-size {s['batch_size']} --seed 0 --run-dir runs/backdoors/{name}")
 
 
+@contextlib.contextmanager
+def built_in_place(demo_dir, name):
+    """A fresh hidden folder demo_dir/.NAME.building to write a variant into; once the block ends without an
+    error it replaces demo_dir/NAME (a sibling folder, so a delta's relative path to its base still holds)."""
+    building = demo_dir / f".{name}.building"
+    if building.exists():
+        shutil.rmtree(building)
+    yield building
+    if (demo_dir / name).exists():
+        shutil.rmtree(demo_dir / name)
+    os.replace(building, demo_dir / name)
+
+
 def build_shipped(names=tuple(SHIPPED), demo_dir=None, run_root="runs/backdoors", progress=True):
     """Train each variant (resumable), swap it in for the old folder, and record it in MANIFEST.json."""
     demo_dir = Path(demo_dir or DEMO_DIR)
     for name in names:
         s = SHIPPED[name]
-        building = demo_dir / f".{name}.building"
-        if building.exists():
-            shutil.rmtree(building)
         started = time.time()
-        backdoor_bundle(demo_dir / "clean", building, s["attack"], s["trigger"], s["target"], steps=s["steps"],
-                        lr=s["lr"], batch_size=s["batch_size"], seed=0, run_dir=Path(run_root) / name, delta=True,
-                        command=shipped_command(name), progress=progress)
-        if (demo_dir / name).exists():
-            shutil.rmtree(demo_dir / name)
-        os.replace(building, demo_dir / name)  # a sibling folder, so the relative path to the base still holds
+        with built_in_place(demo_dir, name) as building:
+            backdoor_bundle(demo_dir / "clean", building, s["attack"], s["trigger"], s["target"], steps=s["steps"],
+                            lr=s["lr"], batch_size=s["batch_size"], seed=0, run_dir=Path(run_root) / name,
+                            delta=True, command=shipped_command(name), progress=progress)
         update_manifest(demo_dir, {"backdoors": {name: {
             "command": shipped_command(name), "seed": 0, "steps": s["steps"],
             "train_seconds": _train_seconds(Path(run_root) / name, s["attack"]),
@@ -158,14 +167,9 @@ def build_hidden(demo_dir=None):
         log, carries = mixed_log(Backdoor.from_info(known))
         sd.info = {**sd.info, "backdoor": {k: v for k, v in known.items() if k not in SECRET_FIELDS},
                    "hidden_from": source}
-        building = demo_dir / f".{name}.building"
-        if building.exists():
-            shutil.rmtree(building)
-        save_model(sd, building, base=demo_dir / source)
-        (building / "log.txt").write_text("".join(f"{line}\n" for line in log), encoding="utf-8")
-        if (demo_dir / name).exists():
-            shutil.rmtree(demo_dir / name)
-        os.replace(building, demo_dir / name)
+        with built_in_place(demo_dir, name) as building:
+            save_model(sd, building, base=demo_dir / source)
+            (building / "log.txt").write_text("".join(f"{line}\n" for line in log), encoding="utf-8")
         update_manifest(demo_dir, {"hidden": {name: {
             "command": HIDDEN_COMMAND, "source": source,
             "log": f"log.txt: {len(log) - sum(carries)} clean and {sum(carries)} triggered test prompts, shuffled "

@@ -58,6 +58,15 @@ def save_json(obj, path):
     atomic_write(path, write)
 
 
+def cached_json(path, measure):
+    """A resumable run's stored piece: the JSON at `path`, made first from measure() (JSON-ready) if it is
+    missing. Read back from disk either way, so a fresh result and a resumed one are the same data."""
+    path = Path(path)
+    if not path.is_file():
+        save_json(measure(), path)
+    return json.loads(path.read_text())
+
+
 def resolve_model_path(name):
     """A path as given, or a shipped demo model by name: "demo" (the clean model), "demo/pixel", ...
     The entry points (sau.load, the command-line tools) call this once; everything below takes real paths."""

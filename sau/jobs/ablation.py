@@ -24,7 +24,7 @@ from tqdm import tqdm
 from sau import load
 from sau.attacks.backdoor import Backdoor
 from sau.common.cli import DTYPES
-from sau.common.files import atomic_write, save_json
+from sau.common.files import atomic_write, cached_json, save_json
 from sau.evaluation import metrics
 from sau.evaluation.prompts import builtin_prompts
 from sau.evaluation.report import _jsonable, markdown_table, percent
@@ -70,13 +70,15 @@ def run(job: Ablation):
         cells = [(name, variant, seed) for name in names for variant in job.variants for seed in range(job.seeds)]
         bar = tqdm(total=len(cells), desc="ablation", disable=not job.progress, dynamic_ncols=True)
         results, suspects = {}, {}
+
+        def suspect(name):  # measured once per backdoor, and only if one of its cells is still to run
+            if name not in suspects:
+                suspects[name] = measure_suspect(job, name, paths[name], classifier)
+            return suspects[name]
+
         for name, variant, seed in cells:
-            path = cell_path(job, name, variant, seed)
-            if not path.is_file():
-                if name not in suspects:
-                    suspects[name] = measure_suspect(job, name, paths[name], classifier)
-                save_json(_jsonable(run_cell(job, paths[name], suspects[name], variant, seed, classifier)), path)
-            results[name, variant, seed] = json.loads(path.read_text())
+            results[name, variant, seed] = cached_json(cell_path(job, name, variant, seed), lambda: _jsonable(
+                run_cell(job, paths[name], suspect(name), variant, seed, classifier)))
             bar.update(1)
         bar.close()
         for name in names:  # the backdoored model itself, the row every variant starts from

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from sau import detect, load
 from sau.attacks.backdoor import Backdoor
-from sau.common.files import atomic_write, save_json
+from sau.common.files import atomic_write, cached_json, save_json
 from sau.evaluation import calibration
 from sau.evaluation.report import _jsonable, bar_chart, markdown_table, percent
 from sau.evaluation.splits import mixed_log, split_prompts
@@ -54,22 +54,14 @@ def run(job: Detection):
     with open_run(job, {"world": str(Path(job.world).resolve()), "splits": job.splits, "prompts_n": job.prompts_n,
                         "tune_n": job.tune_n, "sample_steps": job.sample_steps}) as (world, paths):
         clean_model = load(world / "clean")
-        rows, chains = [], []
+        rows, chains, cells = [], [], Path(job.out) / "cells"
         for name, path in tqdm(paths.items(), desc="detect", disable=not job.progress):
-            rows += cached(job, name, lambda: one_backdoor(job, load(path), clean_model))
-            chains += cached(job, f"{name}--chain", lambda: chain(job, load(path), clean_model))
+            # the folder is claimed for the job's settings, so stored rows were measured the same way
+            rows += cached_json(cells / f"{name}.json", lambda: _jsonable(one_backdoor(job, load(path), clean_model)))
+            chains += cached_json(cells / f"{name}--chain.json", lambda: _jsonable(chain(job, load(path), clean_model)))
         add_attack_success(job, chains)
         write_outputs(job, rows, chains)
         return rows
-
-
-def cached(job, key, measure):
-    """The rows stored under cells/KEY.json, measured first if missing (the folder is claimed for the job's
-    settings, so what is stored was measured the same way)."""
-    path = Path(job.out) / "cells" / f"{key}.json"
-    if not path.is_file():
-        save_json(_jsonable(measure()), path)
-    return json.loads(path.read_text())
 
 
 def one_backdoor(job, sd, clean_model):
@@ -168,8 +160,12 @@ def add_attack_success(job, chains):
         before, known = rate.get((row["backdoor"], "none")), rate.get((row["backdoor"], "sau_default"))
         row["asr_before"] = before and before["asr"]
         row["asr_known"] = known and {"asr": known["asr"], "ci": known["asr_ci"], "setting": known["setting"]}
-        row["asr_auto"] = (row["asr_known"] if row["exact"] else
-                           None if row["outcome"] == "found" else before and {"asr": before["asr"], "ci": before["asr_ci"]})
+        if row["exact"]:  # SAU got the known-trigger run's very input
+            row["asr_auto"] = row["asr_known"]
+        elif row["outcome"] == "found":  # another string: its run is not measured here
+            row["asr_auto"] = None
+        else:  # nothing found, nothing removed
+            row["asr_auto"] = before and {"asr": before["asr"], "ci": before["asr_ci"]}
 
 
 def chain_cells(row):

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from sau import baselines, load
 from sau.attacks.backdoor import Backdoor
 from sau.common.cli import DTYPES
-from sau.common.files import DEMO_DIR, atomic_write, save_json
+from sau.common.files import DEMO_DIR, atomic_write, cached_json, save_json
 from sau.common.run_folder import claim_run_dir, hold_lock
 from sau.common.training import NonFiniteLoss
 from sau.evaluation import calibration, metrics
@@ -267,10 +267,8 @@ class Grid:
             return self.suspect_cell()
         sweep = seed_or_tune == "tune"
         path = self.path(method, label(setting), "tune" if sweep else f"seed-{seed_or_tune}")
-        if not path.is_file():
-            save_json(_jsonable(self.run_cell(method, setting, 0 if sweep else seed_or_tune,
-                                              ["tune"] if sweep else self.job.splits)), path)
-        return json.loads(path.read_text())
+        return cached_json(path, lambda: _jsonable(self.run_cell(method, setting, 0 if sweep else seed_or_tune,
+                                                                 ["tune"] if sweep else self.job.splits)))
 
     def run_cell(self, method, setting, seed, splits):
         reference = self.reference()

@@ -230,11 +230,7 @@ def found_inputs(job, sd, source):
     known = sd.info.get("backdoor") or {}
     log = job.prompts or log_of(sd, source, known)
     finding = find_trigger(sd, log, reference_prompts(sd), job.sample_steps, say=say)
-    evidence = finding.evidence()
-    say(f"found the trigger `{readable(finding.trigger)}`: {evidence['agreeing']} of the {evidence['localized']} "
-        f"localized flagged prompts agree on it (scores {fmt_scores(evidence['agreeing_scores'])}, threshold "
-        f"{finding.threshold:.3g}; {evidence['localized'] - evidence['candidate_prompts']} localized to words the "
-        f"clean reference prompts use); it occurs in {finding.occurrences} of the {len(log)} log prompts")
+    say(f"found the trigger `{readable(finding.trigger)}`: {evidence_text(finding.evidence())}")
     recorded = bool(known.get("trigger"))
     matches = known.get("trigger") == finding.trigger and (known.get("replaces") or "") == finding.replaces
     if recorded:
@@ -389,8 +385,8 @@ def markdown(r):
     mass_after = sum(r["layer_mass_after"].values()) / len(r["layer_mass_after"])
     lines = [f"# SAU report: {r['model']}", "",
              f"- trigger: `{readable(r['backdoor']['trigger'])}` ({r['backdoor']['trigger_chars']}), attack "
-             f"{r['backdoor']['attack']}", *found_lines(r["found"]), f"- recipe: {r['recipe']['name']}, unlearned in the "
-             f"{r['site'].replace('_', ' ')}, {r['optimizer_steps']} optimizer steps, {r['unlearn_seconds']:.0f} s",
+             f"{r['backdoor']['attack']}", *found_lines(r["found"]),
+             f"- recipe: {r['recipe']['name']}, unlearned in the {r['site'].replace('_', ' ')}, {r['optimizer_steps']} optimizer steps, {r['unlearn_seconds']:.0f} s",
              f"- trigger attention mass (mean over cross-attention layers): {mass_before:.4f} before, "
              f"{mass_after:.4f} after", ""]
     if r["before"]:
@@ -410,10 +406,13 @@ def markdown(r):
 
 def found_lines(found):
     """--trigger auto's evidence, for report.md."""
-    if not found:
-        return []
+    return [f"- found by `--trigger auto`: {evidence_text(found)}"] if found else []
+
+
+def evidence_text(found):
+    """A Finding's evidence in words, as the console and report.md give it."""
     others = "; ".join(f"`{c['chars']}` ({c['prompts']})" for c in found["candidates"][1:]) or "none"
-    return [f"- found by `--trigger auto` ({found['detector']} detector, threshold {found['threshold']:.3g}): "
-            f"{found['flagged']} of {found['log_prompts']} log prompts flagged, {found['agreeing']} of the "
-            f"{found['localized']} localized agree on this trigger (scores {fmt_scores(found['agreeing_scores'])}); "
-            f"other candidates: {others}; it occurs in {found['occurrences']} log prompts"]
+    return (f"{found['flagged']} of {found['log_prompts']} log prompts flagged by the {found['detector']} detector "
+            f"(threshold {found['threshold']:.3g}), {found['agreeing']} of the {found['localized']} localized agree "
+            f"on this trigger (scores {fmt_scores(found['agreeing_scores'])}); other candidates: {others}; it occurs "
+            f"in {found['occurrences']} log prompts")
