@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from sau.common.training import Trainer, diffusion_loss, frozen_copy, step_generator
 from sau.method import RECIPES, remove_backdoor, text_contexts, trainable_parameters, triggered_pairs
 from sau.models.ddim import ddim_step, ddim_timesteps, guided_model_fn
-from sau.models.tokenizer import shared_ends
+from sau.models.kv_edit import edit_keys_and_values, paired_features
 
 METHODS = ("none", "uce", "esd_x", "esd_x_prompt", "concept_ablation", "sau_paper", "sau_default")
 LABELS = {"none": "no defense", "uce": "UCE", "esd_x": "ESD-x", "esd_x_prompt": "ESD-x (prompts)",
@@ -66,55 +66,21 @@ def hyperparameters(method, family):
 
 # --- UCE ----------------------------------------------------------------------------------------------------
 
-def edit_positions(triggered_ids, clean_ids, length):
-    """(triggered position, clean position) pairs UCE equates: from the trigger's last token to the end, aligned
-    from the end, as UCE aligns an erased concept with its replacement (its last token onward, padding included).
-    A trigger that only adds tokens (BadT2I prepends one) pairs its last token with the clean token before it,
-    as UCE pairs a concept erased to " " with the start token."""
-    t, c = triggered_ids, clean_ids
-    _, suffix = shared_ends(t, c)
-    shift = len(t) - len(c)
-    start = max(len(t) - suffix - 1, 0)
-    return [(i, i - shift) for i in range(start, length) if 0 <= i - shift < length]
-
-
-def framed_ids(tokenizer, text):
-    """The token ids the text encoder sees, unpadded: truncated to its positions with eos kept."""
-    ids = tokenizer.encode(text)
-    return ids if len(ids) <= tokenizer.max_length else ids[:tokenizer.max_length - 1] + [ids[-1]]
-
-
 @torch.no_grad()
 def uce(sd, backdoor, prompts, lamb=0.5, erase_scale=1.0, preserve_scale=0.1):
     """UCE: every cross-attention to_k / to_v weight W becomes the least-squares solution of
         min  sum_edits ||W' c_i - W c*_i||^2 + preserve_scale sum_kept ||W' p - W p||^2 + lamb ||W' - W||^2
-    where c_i are the triggered prompts' text features (trigger onward) and c*_i the clean prompts' at the
-    aligned positions, so the UNet reads the trigger as if it were not there ("replace" technique, guided to
-    " "), and p the clean prompts' and the empty prompt's features, kept. All targets are W times a feature,
-    so W' = W M with one d x d matrix M shared by every layer:
-        M = (lamb I + s_e sum c*_i c_i^T + s_p sum p p^T)(lamb I + s_e sum c_i c_i^T + s_p sum p p^T)^-1."""
+    (sau.models.kv_edit) where c_i are the triggered prompts' text features (trigger onward) and c*_i the clean
+    prompts' at the aligned positions, so the UNet reads the trigger as if it were not there ("replace"
+    technique, guided to " "), and p the clean prompts' and the empty prompt's features, kept."""
     triggered, clean = triggered_pairs(backdoor, prompts)
     if not triggered:
         raise ValueError(f"the trigger {backdoor.trigger!r} cannot be put into any of the prompts")
-    length = sd.tokenizer.max_length
     trig_feats, clean_feats = text_contexts(sd, triggered).double(), text_contexts(sd, clean).double()
-    edits, targets = [], []
-    for row, (t, c) in enumerate(zip(triggered, clean)):
-        pairs = edit_positions(framed_ids(sd.tokenizer, t), framed_ids(sd.tokenizer, c), length)
-        edits.append(trig_feats[row, [i for i, _ in pairs]])
-        targets.append(clean_feats[row, [j for _, j in pairs]])
-    edits, targets = torch.cat(edits), torch.cat(targets)
+    edits, targets = paired_features(sd.tokenizer, triggered, clean, trig_feats, clean_feats)
     kept = torch.cat([clean_feats, text_contexts(sd, [""]).double()]).flatten(0, 1)
-    eye = torch.eye(kept.shape[1], dtype=torch.float64, device=kept.device)
-    common = lamb * eye + preserve_scale * kept.t() @ kept
-    numerator = common + erase_scale * targets.t() @ edits
-    denominator = common + erase_scale * edits.t() @ edits
-    mix = torch.linalg.solve(denominator, numerator.t()).t()  # numerator @ denominator^-1 (symmetric)
-    layers = [m for name, m in sd.unet.named_modules() if name.endswith(".attn2")]
-    for attention in layers:
-        for projection in (attention.to_k, attention.to_v):
-            projection.weight.copy_((projection.weight.double() @ mix).to(projection.weight.dtype))
-    return {"steps": 0, "changes": "cross-attention to_k, to_v (closed form)", "edited_layers": 2 * len(layers),
+    edited = edit_keys_and_values(sd.unet, edits, targets, kept, lamb, erase_scale, preserve_scale)
+    return {"steps": 0, "changes": "cross-attention to_k, to_v (closed form)", "edited_layers": edited,
             "edit_features": len(edits)}
 
 

@@ -7,7 +7,7 @@ import torch
 
 from sau import baselines
 from sau.attacks.backdoor import Backdoor
-from sau.baselines import edit_positions, framed_ids
+from sau.models.kv_edit import edit_positions, framed_ids
 from sau.models.ddim import ddim_step, ddim_timesteps, guided_model_fn
 from sau.method import collect, locate, text_contexts, triggered_pairs
 
