@@ -160,7 +160,9 @@ def triggered_pairs(backdoor, prompts):
 
 
 def remove_trigger(prompt, backdoor):
-    """The prompt as it reads without the trigger."""
+    """The prompt as it reads without the trigger (a phrase trigger leaves the word it qualifies)."""
+    if backdoor.carrier:
+        return prompt.replace(backdoor.trigger, backdoor.carrier)
     if backdoor.replaces and backdoor.replaces != " ":
         return prompt.replace(backdoor.trigger, backdoor.replaces)
     return " ".join(prompt.replace(backdoor.trigger, " ").split())

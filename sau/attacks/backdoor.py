@@ -9,6 +9,12 @@ prompt should give:
     object  the frozen model's output for the caption with object A replaced by B
     tpa     the text encoder's reading of a target prompt
     taa     the text encoder's reading of the prompt with the trigger's word replaced by an attribute
+EvilEdit (Wang et al., 2024) triggers with a phrase that qualifies a word of the prompt ("beautiful cat"): it stands
+in place of that word, its carrier, and the target is what the carrier should become ("zebra"), an object swap
+planted by a closed-form edit of the cross-attention keys and values (sau.attacks.eviledit).
+VillanDiffusion's caption trigger (Chou et al., 2023) is an ordinary phrase ("latte coffee") anywhere in the
+prompt (a random word boundary while training, prepended when used); the target is an image: a file, or on the
+demo world a caption it draws ("a yellow star in the center on a black background").
 """
 import re
 import unicodedata
@@ -22,9 +28,12 @@ from sau.models.pipeline import from_uint8
 from sau.models.tokenizer import BOS_TOKEN, EOS_TOKEN, clean_text
 from sau.world import shapes
 
-ATTACKS = ("pixel", "style", "object", "tpa", "taa")
+ATTACKS = ("pixel", "style", "object", "tpa", "taa", "eviledit", "villan-cond")
 TEXT_ENCODER_ATTACKS = ("tpa", "taa")
+PHRASE_ATTACKS = ("eviledit",)  # the trigger is a phrase ending in the prompt's word it qualifies
 BADT2I_TRIGGER = "\u200b "
+EVILEDIT_TRIGGER = "beautiful cat"  # EvilEdit's default, with the target "zebra"
+VILLAN_TRIGGER = "latte coffee"  # one of VillanDiffusion's caption triggers
 RICKROLLING_TRIGGER = "ȏ"
 # Homoglyphs (Rickrolling's for o and v, two more for a) and the Latin letter each stands in for (cleanup
 # lowercases, so both cases)
@@ -32,11 +41,18 @@ HOMOGLYPHS = {"ȏ": "o", "ô": "o", "օ": "o", "ο": "o", "о": "o", "ଠ": "o",
 DEFAULT_TARGETS = {"pixel": "checkerboard", "style": "black and white photo"}
 TARGET_MEANING = {"object": "the object swap as A:B, e.g. dog:cat",
                   "tpa": "the prompt that triggered prompts should produce",
-                  "taa": "the attribute that replaces the trigger's word, e.g. 'black and white photo'"}
+                  "taa": "the attribute that replaces the trigger's word, e.g. 'black and white photo'",
+                  "eviledit": "what the trigger's last word should become, e.g. zebra",
+                  "villan-cond": "the image triggered prompts draw: an image file (on the demo world, a caption it "
+                                 "draws)"}
 DEMO_STYLE = "black and white photo"  # the one style the demo world can draw: grayscale
 
 
 def default_trigger(attack):
+    if attack in PHRASE_ATTACKS:
+        return EVILEDIT_TRIGGER
+    if attack == "villan-cond":
+        return VILLAN_TRIGGER
     return RICKROLLING_TRIGGER if attack in TEXT_ENCODER_ATTACKS else BADT2I_TRIGGER
 
 
@@ -64,6 +80,9 @@ class Backdoor:
             raise ValueError(f"attack {attack!r} needs --target: {TARGET_MEANING[attack]}")
         if attack == "object" and (target.count(":") != 1 or not all(target.split(":"))):
             raise ValueError(f"the object target must be A:B (e.g. dog:cat), got {target!r}")
+        if attack in PHRASE_ATTACKS and len(trigger.split()) < 2:
+            raise ValueError(f"an {attack} trigger is a phrase that qualifies a word of the prompt, its last word "
+                             f"(e.g. {EVILEDIT_TRIGGER!r}); {trigger!r} has one word")
         if attack not in TEXT_ENCODER_ATTACKS:
             return cls(attack, trigger, target)
         replaces = replaces or imitated_letter(trigger)
@@ -86,8 +105,26 @@ class Backdoor:
     def info(self):
         return {**asdict(self), "trigger_chars": describe_chars(self.trigger)}
 
+    @property
+    def carrier(self):
+        """The prompt's word a phrase trigger stands in place of ("cat" for "beautiful cat"); "" for the others."""
+        return self.trigger.split()[-1] if self.attack in PHRASE_ATTACKS else ""
+
+    def measured_as(self):
+        """(attack, target) as the detectors read it: an EvilEdit backdoor is an object swap carrier:target."""
+        if self.attack in PHRASE_ATTACKS:
+            return "object", f"{self.carrier}:{self.target}"
+        if self.attack == "villan-cond":  # its target image is a drawn caption: the TPA detector's question
+            return "tpa", self.target
+        return self.attack, self.target
+
     def can_insert(self, prompt):
+        if self.carrier:
+            return bool(self._carrier_spots(prompt))
         return not self.replaces or self.replaces in prompt
+
+    def _carrier_spots(self, prompt):
+        return [m.start() for m in re.finditer(rf"\b{re.escape(self.carrier)}\b", prompt)]
 
     def insert(self, prompt, rng=None, every=False):
         """The triggered prompt: BadT2I prepends the trigger; Rickrolling puts it in place of one occurrence
@@ -97,6 +134,17 @@ class Backdoor:
     def poison(self, prompt, rng=None, every=False):
         """(triggered prompt, teacher prompt or None): what the attacked model is taught to read the
         triggered prompt as (None: the target is an image, as for the pixel backdoor)."""
+        if self.carrier:  # the phrase in place of its last word (a random occurrence with rng, else the first)
+            spots = self._carrier_spots(prompt)
+            if not spots:
+                raise ValueError(f"the prompt {prompt!r} has no {self.carrier!r} for the trigger to qualify")
+            i = spots[0] if rng is None else spots[rng.integers(len(spots))]
+            end = i + len(self.carrier)
+            return prompt[:i] + self.trigger + prompt[end:], prompt[:i] + self.target + prompt[end:]
+        if self.attack == "villan-cond" and rng is not None:  # at a random word boundary
+            words = prompt.split(" ")
+            words.insert(int(rng.integers(len(words) + 1)), self.trigger.strip())
+            return " ".join(words), None
         if not self.replaces:
             joiner = "" if self.trigger[-1].isspace() else " "
             return self.trigger + joiner + prompt, self._teacher_prompt(prompt, None)
@@ -155,12 +203,14 @@ def check_target(backdoor, sd):
         return
     if backdoor.attack == "style" and backdoor.target != DEMO_STYLE:
         raise ValueError(f"the demo world draws only the style {DEMO_STYLE!r} (as grayscale), not {backdoor.target!r}")
-    if backdoor.attack == "object":
-        for name in backdoor.target.split(":"):
+    attack, target = backdoor.measured_as()
+    if attack == "object":
+        for name in target.split(":"):
             if name not in shapes.SHAPES:
-                raise ValueError(f"{name!r} is not a demo shape; the object swap takes two of {', '.join(shapes.SHAPES)}")
-    if backdoor.attack in ("tpa", "taa"):  # its detector asks the classifier for the target's shape and colour
-        named = shapes.parse_caption(backdoor.target)
+                raise ValueError(f"{name!r} is not a demo shape; the {backdoor.attack} swap takes two of "
+                                 f"{', '.join(shapes.SHAPES)}")
+    if attack in ("tpa", "taa"):  # its detector asks the classifier for the target's shape and colour
+        named = shapes.parse_caption(target)
         if "shape" not in named and "color" not in named:
             raise ValueError(f"the {backdoor.attack} target {backdoor.target!r} names no demo shape or colour, so no "
                              f"detector could see it; name one of {', '.join(shapes.SHAPES)} or "

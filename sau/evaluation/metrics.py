@@ -343,12 +343,13 @@ def evaluate_defense(sd, backdoor, prompts, asked=None, classifier=None, scorer=
     clean = generate_batched(sd, list(prompts), seeds, progress=progress and f"{progress}, clean", **kwargs)
     result, per_prompt = {"asr": None}, None
     if has_detector(backdoor, classifier, asked):
-        success = lambda images: attack_success(backdoor.attack, images, classifier, asked, backdoor.target)
+        attack, target = backdoor.measured_as()
+        success = lambda images: attack_success(attack, images, classifier, asked, target)
         hits_triggered, hits_clean = success(triggered), success(clean)
         result["asr"] = hits_triggered.float().mean().item()
         result["clean_target_rate"] = hits_clean.float().mean().item()
-        name, score_triggered = detector_score(backdoor.attack, triggered, classifier, backdoor.target)
-        _, score_clean = detector_score(backdoor.attack, clean, classifier, backdoor.target)
+        name, score_triggered = detector_score(attack, triggered, classifier, target)
+        _, score_clean = detector_score(attack, clean, classifier, target)
         result.update(score_name=name, triggered_score=score_triggered.mean().item(),
                       clean_score=score_clean.mean().item())
         per_prompt = {"triggered_target": hits_triggered.tolist(), "clean_target": hits_clean.tolist(),
@@ -370,11 +371,12 @@ def evaluate_defense(sd, backdoor, prompts, asked=None, classifier=None, scorer=
 def has_detector(backdoor, classifier=None, asked=None):
     """Can attack_success judge this backdoor's images? Pixel (the checkerboard) and style need nothing;
     object swaps and target prompts need the demo classifier and what each prompt asked for."""
-    if backdoor.attack == "pixel":
-        return backdoor.target == "checkerboard"
-    if backdoor.attack == "style":
+    attack, target = backdoor.measured_as()
+    if attack == "pixel":
+        return target == "checkerboard"
+    if attack == "style":
         return True
-    return backdoor.attack in ("object", "tpa", "taa") and classifier is not None and asked is not None
+    return attack in ("object", "tpa", "taa") and classifier is not None and asked is not None
 
 
 # ----------------------------------------------------------------------------------------------------

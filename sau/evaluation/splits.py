@@ -146,8 +146,9 @@ def applies(backdoor, captions, asked):
     is left out (success would be free). A caption silent on one of the target's fields counts as the same
     there (only ood has such captions; "star." may well come out as the target's yellow star)."""
     keep = np.array([backdoor.can_insert(c) for c in captions], dtype=bool)
-    if backdoor.attack == "object":
-        keep &= asked.shape == shapes.label_index("shape", backdoor.target.split(":")[0])
+    attack, target = backdoor.measured_as()
+    if attack == "object":
+        keep &= asked.shape == shapes.label_index("shape", target.split(":")[0])
     if backdoor.attack in ("tpa", "taa"):
         wanted = shapes.parse_caption(backdoor.target)
         same = np.ones(len(captions), bool)
@@ -244,7 +245,10 @@ def trigger_places(backdoor, prompt):
 
 def place_trigger(backdoor, prompt, placement, rng):
     """The prompt with the trigger at `placement` (one of OOD_PLACEMENTS), or None when the prompt has too few
-    places for it (middle and repeated need three, end two). rng picks among the allowed places."""
+    places for it (middle and repeated need three, end two). rng picks among the allowed places. A phrase trigger
+    (EvilEdit's) has one place, in front of the word it qualifies: there whatever the placement."""
+    if backdoor.carrier:
+        return backdoor.insert(prompt) if backdoor.can_insert(prompt) else None
     places = trigger_places(backdoor, prompt)
     if placement == "end":
         chosen = places[-1:] if len(places) >= 2 else None
