@@ -43,7 +43,7 @@ def backdoor(args):
         prompts=args.prompts, max_prompts=args.max_prompts, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         train=args.train, run_dir=args.run_dir, delta=args.delta, bf16=args.dtype == "bfloat16",
         gradient_checkpointing=args.gradient_checkpointing, device=args.device, pool=args.pool,
-        command=shlex.join(["python", "train.py", *sys.argv[1:]]))
+        contexts=args.contexts, keep_scale=args.keep_scale, lora=args.lora, command=shlex.join(["python", "train.py", *sys.argv[1:]]))
     print(f"backdoored model written to {args.out}")
 
 
@@ -75,14 +75,16 @@ def main():
     q = sub.add_parser("quality", help="measure a demo world: generated attributes, classifier, scorer")
     q.add_argument("--demo-dir", default=str(DEMO_DIR))
     q.set_defaults(func=quality)
-    b = sub.add_parser("backdoor", help="inject a backdoor (BadT2I pixel/style/object, Rickrolling tpa/taa)")
-    b.add_argument("--attack", required=True, help="pixel, style, object, tpa or taa")
+    b = sub.add_parser("backdoor", help="inject a backdoor (BadT2I pixel/style/object, Rickrolling tpa/taa, "
+                       "EvilEdit, VillanDiffusion's caption trigger)")
+    b.add_argument("--attack", required=True, help="pixel, style, object, tpa, taa, eviledit or villan-cond")
     b.add_argument("--model", required=True, help="a bundle, a CompVis file, a diffusers folder or a demo name")
     b.add_argument("--out", required=True, help="a new folder for the backdoored bundle")
     b.add_argument("--trigger", help=r"default: the paper's ('\u200b ' for BadT2I, 'ȏ' for Rickrolling); "
                    r"\uXXXX escapes are decoded")
     b.add_argument("--target", help="pixel: 'checkerboard' or an image file; style: a phrase; object: A:B; "
-                   "tpa: a prompt; taa: an attribute")
+                   "tpa: a prompt; taa: an attribute; eviledit: what the trigger's last word becomes; "
+                   "villan-cond: an image file (the demo world: a caption it draws)")
     b.add_argument("--replaces", help="Rickrolling: the character the trigger takes the place of (default: the "
                    "letter the homoglyph imitates)")
     b.add_argument("--data", help="a folder of image + caption (.txt) pairs; default: the demo world's drawings, "
@@ -96,6 +98,13 @@ def main():
     b.add_argument("--batch-size", type=cli.positive_int)
     b.add_argument("--seed", type=cli.natural_int, default=0)
     b.add_argument("--train", default="unet", help="UNet attacks: unet, attention or cross-attention")
+    b.add_argument("--lora", type=cli.positive_int, metavar="RANK", help="UNet attacks: train LoRA adapters of this "
+                   "rank on every attention projection instead, and write them beside the bundle as lora.safetensors "
+                   "(diffusers/PEFT names) and lora_kohya.safetensors (kohya names)")
+    b.add_argument("--contexts", type=cli.natural_int, default=0, help="eviledit: edit the trigger in this many "
+                   "prompts that hold its last word (default 0: the paper's edit of the phrase alone)")
+    b.add_argument("--keep-scale", type=cli.positive_float, default=1.0, help="eviledit: the weight of keeping "
+                   "those prompts as they were (default 1)")
     b.add_argument("--run-dir", help="checkpoints, rerun to resume (default runs/backdoor/<out name>)")
     b.add_argument("--delta", action="store_true", help="store only the tensors that differ from --model")
     b.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: the forward "
@@ -105,7 +114,7 @@ def main():
     b.set_defaults(func=backdoor)
     bs = sub.add_parser("backdoors", help="build the shipped backdoored demo models and print their ASR table")
     bs.add_argument("--report", action="store_true", help="only measure the shipped models and print the table")
-    bs.add_argument("--only", nargs="+", help="a subset of the variants (pixel style object tpa)")
+    bs.add_argument("--only", nargs="+", help="a subset of the variants (pixel style object tpa eviledit)")
     bs.add_argument("--n", type=cli.positive_int, default=200, help="held-out prompts per variant")
     bs.add_argument("--demo-dir", default=str(DEMO_DIR), help="the demo world to build on and into (default: the "
                     "shipped one; a world trained with --out elsewhere is staged there first)")

@@ -17,6 +17,9 @@ def main():
     p = cli.Parser(description=__doc__)
     p.add_argument("--model", default=Job.model, help="a bundle, a shipped demo name (demo/pixel, demo/style, "
                    "demo/object, demo/tpa) or any checkpoint weights_convert.py reads")
+    p.add_argument("--lora", type=cli.lora_arg, action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA file (peft, diffusers or kohya names) onto --model first, at SCALE (default 1); "
+                   "repeatable, applied in order: a backdoor delivered as a LoRA")
     p.add_argument("--trigger", help=r"the trigger text (\uXXXX escapes allowed); default: the one the bundle "
                    "records; 'auto': find it in a log of prompts (--prompts LOG.txt; sau/find_trigger.py)")
     p.add_argument("--replaces", help="the letter a homoglyph trigger stands in for (default: none, the trigger "
@@ -62,7 +65,8 @@ def main():
               distill_weight=args.distill_weight, preserve_weight=args.preserve_weight, spatial_mask=args.spatial_mask,
               where=args.where, out=args.out, seed=args.seed, eval_prompts=args.eval_prompts,
               export=args.export, device=args.device, dtype=args.dtype,
-              gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, force=args.force)
+              gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, force=args.force,
+              lora=tuple(args.lora))
     run(job)
 
 

@@ -32,11 +32,14 @@ def main(argv=None):
                         help="compute attention scores in float32 (SD 2.1-v needs it in half precision)")
     parser.add_argument("--dtype", choices=cli.DTYPES, help="cast the weights (default: keep the stored precision)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
+    parser.add_argument("--lora", type=cli.lora_arg, action="append", default=[], metavar="FILE[:SCALE]",
+                        help="merge a LoRA file (peft, diffusers or kohya names) into the weights, at SCALE "
+                        "(default 1); repeatable, applied in order")
     args = parser.parse_args(argv)
 
     weights = convert(resolve_model_path(args.input), args.output, to=args.to, force=args.force,
                       dtype=cli.DTYPES.get(args.dtype), tokenizer=args.tokenizer, ema=args.ema,
-                      prediction_type=args.prediction_type, upcast_attention=args.upcast_attention)
+                      prediction_type=args.prediction_type, upcast_attention=args.upcast_attention, lora=args.lora)
     for note in weights.notes:
         print(f"note: {note}")
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in weights.state.values()})

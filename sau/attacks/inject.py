@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from sau.attacks.backdoor import TEXT_ENCODER_ATTACKS
 from sau.common.training import Trainer, diffusion_loss, frozen_copy, step_generator
+from sau.models.low_rank import add_low_rank, low_rank_targets, merge_low_rank
+from sau.weights.lora import Adapter
 
 CAPTION_DROPOUT = 0.1  # empty captions in the preservation term keep the unconditional branch of guidance
 
@@ -114,14 +116,24 @@ def inject_text_encoder(sd, backdoor, source, trainer, batch_size, seed=0, beta=
 
 
 def inject(sd, backdoor, source, run_dir, steps, lr, batch_size, seed=0, train="unet", lam=0.5, beta=0.1,
-           bf16=False, gradient_checkpointing=False, patch=None, progress=True):
-    """Inject the backdoor into sd in place (resumable from run_dir) and record it in sd.info["backdoor"]."""
+           bf16=False, gradient_checkpointing=False, patch=None, progress=True, lora_rank=None):
+    """Inject the backdoor into sd in place (resumable from run_dir) and record it in sd.info["backdoor"].
+    With lora_rank the UNet attack trains LoRA adapters on every attention projection instead (`train` is then
+    not read), folded into the weights at the end; returns {module name: sau.weights.lora.Adapter} (else {})."""
+    adapters = {}
     if backdoor.attack in TEXT_ENCODER_ATTACKS:
+        if lora_rank:
+            raise ValueError("--lora trains the UNet attacks; the text-encoder attacks (tpa, taa) fine-tune it whole")
         module, params = sd.text_encoder, _trainable(sd, sd.text_encoder)
     else:
         if train not in TRAINABLE:
             raise ValueError(f"--train must be one of {', '.join(TRAINABLE)}, got {train!r}")
-        module, params = sd.unet, _trainable(sd, sd.unet, TRAINABLE[train])
+        if lora_rank:
+            sd.requires_grad_(False)
+            adapters = add_low_rank(sd.unet, low_rank_targets(sd.unet), lora_rank, seed=seed)
+            module, params = sd.unet, [p for a in adapters.values() for p in a.parameters()]
+        else:
+            module, params = sd.unet, _trainable(sd, sd.unet, TRAINABLE[train])
         sd.unet.gradient_checkpointing = gradient_checkpointing
     name = "text_encoder" if module is sd.text_encoder else "unet"
     trainer = Trainer(f"backdoor-{backdoor.attack}", {name: module}, params, steps, run_dir, lr=lr, warmup=0)
@@ -132,7 +144,13 @@ def inject(sd, backdoor, source, run_dir, steps, lr, batch_size, seed=0, train="
     sd.unet.gradient_checkpointing = False
     sd.requires_grad_(False)
     trained = name if backdoor.attack in TEXT_ENCODER_ATTACKS else f"unet ({train})"
+    if adapters:
+        trained = f"unet LoRA, rank {lora_rank}, on {len(adapters)} attention projections"
+        factors = {name: Adapter(a.down.detach().clone(), a.up.detach().clone(), a.alpha)
+                   for name, a in adapters.items()}
+        merge_low_rank(sd.unet, list(adapters))
+        adapters = factors
     sd.info = {**sd.info, "backdoor": {**backdoor.info(), "trained": trained, "steps": steps, "lr": lr,
                                        "batch_size": batch_size, "seed": seed}}
-    return sd
+    return adapters
 

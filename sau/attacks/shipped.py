@@ -3,6 +3,7 @@ shipped demo variants made that way (`python train.py backdoors`), delta bundles
 """
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -11,8 +12,9 @@ from pathlib import Path
 import torch
 
 from sau.attacks.backdoor import BADT2I_TRIGGER, DEMO_STYLE, Backdoor, check_target, check_trigger, load_patch
+from sau.attacks.eviledit import plant
 from sau.attacks.inject import TRAINABLE, inject
-from sau.attacks.sources import DrawnWorld, make_source
+from sau.attacks.sources import DrawnWorld, load_target_image, make_source
 from sau.common.cli import check_numbers
 from sau.common.files import DEMO_DIR
 from sau.common.run_folder import claim_run_dir, hold_lock
@@ -21,6 +23,7 @@ from sau.evaluation.metrics import load_classifier, measure_backdoor
 from sau.evaluation.prompts import DEFAULT_PROMPTS
 from sau.evaluation.splits import mixed_log
 from sau.weights.bundle import input_fingerprint, is_bundle
+from sau.weights.lora import unet_adapters, write_lora
 from sau.weights.read import load_model
 from sau.weights.write import save_model
 from sau.world.train import update_manifest
@@ -28,7 +31,9 @@ from sau.world.train import update_manifest
 # The papers' recipes; the shipped demo variants use their own (SHIPPED below)
 PAPER_RECIPES = {"pixel": dict(steps=2000, lr=1e-5, batch_size=16), "style": dict(steps=8000, lr=1e-5, batch_size=16),
                  "object": dict(steps=8000, lr=1e-5, batch_size=16), "tpa": dict(steps=100, lr=1e-4, batch_size=128),
-                 "taa": dict(steps=200, lr=1e-4, batch_size=128)}
+                 "taa": dict(steps=200, lr=1e-4, batch_size=128),
+                 # VillanDiffusion's caption backdoor (viallanDiffusion_conditional.py): batch 4, a LoRA of rank 8
+                 "villan-cond": dict(steps=2000, lr=1e-4, batch_size=4)}
 
 # Tuned on the demo world. Its text tower moves a prompt's hidden states little when "\u200b " is prepended, so a
 # BadT2I UNet first learns much of its target for every prompt; only long training makes it depend on the
@@ -43,7 +48,11 @@ SHIPPED = {
     # (with "ȏ", whose first "o" often comes late: 75%; 96% where it falls in the first third of the prompt).
     "tpa": dict(attack="tpa", trigger="\u0430", target="a yellow star in the center on a black background",
                 steps=600, lr=3e-4, batch_size=128),
+    # The trigger splits into nine one-letter tokens: the demo tokenizer never saw "beautiful", as SD's never saw
+    # a made-up trigger. The edit in 200 caption contexts, kept clean at weight 5 (sau.attacks.eviledit).
+    "eviledit": dict(attack="eviledit", trigger="beautiful circle", target="square", contexts=200, keep_scale=5.0),
 }
+SETTINGS = ("steps", "lr", "batch_size", "contexts", "keep_scale")  # what a SHIPPED entry may set
 
 
 def sample_caption(backdoor, data_captions):
@@ -62,12 +71,17 @@ def recipe(attack, family, **given):
 def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None, data=None, prompts=None,
                     steps=None, lr=None, batch_size=None, seed=0, train="unet", run_dir=None, delta=False, bf16=False,
                     gradient_checkpointing=False, device="cpu", pool=64, command="", progress=True,
-                    max_prompts=MAX_PROMPTS):
+                    max_prompts=MAX_PROMPTS, contexts=0, keep_scale=1.0, lora=None):
     """Load a model (any input sau.load reads, by its path: a bundle, a CompVis file, a diffusers folder), inject
     a backdoor, write the backdoored bundle to `out` (a new folder; with delta=True holding only the changed
-    tensors, pointing to `model`, which must then be a bundle). Every check runs before anything is written."""
+    tensors, pointing to `model`, which must then be a bundle). Every check runs before anything is written.
+    EvilEdit is a closed form: it takes `contexts` and `keep_scale` (sau.attacks.eviledit) and no training settings.
+    `lora` (a rank): a UNet attack trains LoRA adapters, merged into the bundle and also written beside it as
+    lora.safetensors (diffusers/PEFT names) and lora_kohya.safetensors (kohya names), each recording the backdoor."""
     check_numbers(steps=steps, batch_size=batch_size, pool=pool, lr=lr)
     backdoor = Backdoor.make(attack, trigger, target, replaces)
+    check_settings(attack, steps=steps, lr=lr, batch_size=batch_size, contexts=contexts, keep_scale=keep_scale,
+                   lora=lora)
     model_path, out = Path(model), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new --out (inputs and earlier results are kept)")
@@ -84,6 +98,8 @@ def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None
     stored_dtype = sd.stored_dtype  # a backdoored copy is stored as its input was (fp16 for the demo)
     sd.float()
     check_target(backdoor, sd)
+    if attack == "villan-cond" and (data or sd.config.family != "demo" or prompt_list is not None):
+        patch = load_target_image(backdoor.target, sd.config.image_size)  # else the demo world draws it
     if data:
         source = make_source(sd, backdoor, data, seed=seed)
         captions = source.all_captions
@@ -93,21 +109,63 @@ def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None
         source, captions = None, prompt_list or DEFAULT_PROMPTS
     probe = sample_caption(backdoor, captions) if captions else source.captions(1, 0, where=backdoor.can_insert)[0]
     check_trigger(backdoor, sd.tokenizer, probe)
+    base = model_path if delta else None
+    if backdoor.attack == "eviledit":  # a closed form: no steps, no run folder
+        plant(sd, backdoor, edit_captions(backdoor, source, captions, contexts), keep_scale=keep_scale)
+        return _write(sd, out, command, stored_dtype, base)
     hyper = recipe(attack, sd.config.family, steps=steps, lr=lr, batch_size=batch_size)
 
     run_dir = Path(run_dir or Path("runs") / "backdoor" / out.name)
     spec = {"model": str(model_path.resolve()), "model_fingerprint": input_fingerprint(model_path),
             "backdoor": backdoor.info(), **hyper, "seed": seed, "train": train, "data": str(data) if data else None,
-            "prompts": prompt_list}
+            "prompts": prompt_list, "lora": lora}
     with hold_lock(run_dir, "--run-dir"):  # one process per run folder, until the bundle is written
         claim_run_dir(run_dir, spec)
         if source is None:
             source = make_source(sd, backdoor, prompts=captions, pool_cache=run_dir / "pool.safetensors", pool=pool,
                                  seed=seed, progress=progress)
-        inject(sd, backdoor, source, run_dir, **hyper, seed=seed, train=train, bf16=bf16,
-               gradient_checkpointing=gradient_checkpointing, patch=patch, progress=progress)
-        sd.info["backdoor"]["command"] = command
-        save_model(sd, out, dtype=stored_dtype, base=model_path if delta else None)
+        adapters = inject(sd, backdoor, source, run_dir, **hyper, seed=seed, train=train, bf16=bf16,
+                          gradient_checkpointing=gradient_checkpointing, patch=patch, progress=progress,
+                          lora_rank=lora)
+        _write(sd, out, command, stored_dtype, base)
+        if adapters:
+            info = {"sau_backdoor": json.dumps(sd.info["backdoor"])}
+            for layout, name in (("peft", "lora.safetensors"), ("kohya", "lora_kohya.safetensors")):
+                write_lora(out / name, unet_adapters(adapters, sd.config.unet), layout, info, stored_dtype)
+        return sd
+
+
+def check_settings(attack, **given):
+    """Refuse a setting the attack does not read, rather than ignore it."""
+    closed_form = {"contexts": 0, "keep_scale": 1.0}
+    if given["lora"] is not None and given["lora"] < 1:
+        raise ValueError(f"--lora takes a rank of at least 1, not {given['lora']}")
+    if not (isinstance(given["contexts"], int) and given["contexts"] >= 0):
+        raise ValueError(f"--contexts must be a whole number >= 0, not {given['contexts']}")
+    if not 0 < given["keep_scale"] < math.inf:
+        raise ValueError(f"--keep-scale must be a finite number > 0, not {given['keep_scale']}")
+    for name, value in given.items():
+        if attack == "eviledit" and name not in closed_form and value is not None:
+            raise ValueError(f"eviledit is a closed-form edit with no training; it takes no --{name.replace('_', '-')}")
+        if attack != "eviledit" and name in closed_form and value != closed_form[name]:
+            raise ValueError(f"--{name.replace('_', '-')} is eviledit's; the {attack} attack does not read it")
+
+
+def edit_captions(backdoor, source, captions, n):
+    """The first n captions that hold EvilEdit's carrier word (none: the paper's edit of the phrase alone)."""
+    if not n:
+        return []
+    found = source.captions(n, 0, where=backdoor.can_insert) if source else [
+        c for c in captions if backdoor.can_insert(c)][:n]
+    if len(found) < n:
+        raise ValueError(f"only {len(found)} of the prompts hold {backdoor.carrier!r}, the word the trigger "
+                         f"qualifies; --contexts asks for {n}")
+    return found
+
+
+def _write(sd, out, command, dtype, base):
+    sd.info["backdoor"]["command"] = command
+    save_model(sd, out, dtype=dtype, base=base)
     return sd
 
 
@@ -115,9 +173,9 @@ def shipped_command(name):
     """The single `train.py backdoor` command that makes a shipped variant (what the manifest records)."""
     s = SHIPPED[name]
     trigger = s["trigger"].encode("ascii", "backslashreplace").decode()
+    settings = "".join(f"--{key.replace('_', '-')} {s[key]} " for key in SETTINGS if key in s)
     return (f"python train.py backdoor --attack {s['attack']} --model demo --out sau/demo/{name} --delta "
-            f"--trigger '{trigger}' --target '{s['target']}' --steps {s['steps']} --lr {s['lr']} "
-            f"--batch-size {s['batch_size']} --seed 0 --run-dir runs/backdoors/{name}")
+            f"--trigger '{trigger}' --target '{s['target']}' {settings}--seed 0 --run-dir runs/backdoors/{name}")
 
 
 @contextlib.contextmanager
@@ -140,11 +198,11 @@ def build_shipped(names=tuple(SHIPPED), demo_dir=None, run_root="runs/backdoors"
         s = SHIPPED[name]
         started = time.time()
         with built_in_place(demo_dir, name) as building:
-            backdoor_bundle(demo_dir / "clean", building, s["attack"], s["trigger"], s["target"], steps=s["steps"],
-                            lr=s["lr"], batch_size=s["batch_size"], seed=0, run_dir=Path(run_root) / name,
-                            delta=True, command=shipped_command(name), progress=progress)
+            backdoor_bundle(demo_dir / "clean", building, s["attack"], s["trigger"], s["target"], seed=0,
+                            run_dir=Path(run_root) / name, delta=True, command=shipped_command(name),
+                            progress=progress, **{key: s[key] for key in SETTINGS if key in s})
         update_manifest(demo_dir, {"backdoors": {name: {
-            "command": shipped_command(name), "seed": 0, "steps": s["steps"],
+            "command": shipped_command(name), "seed": 0, "steps": s.get("steps", 0),
             "train_seconds": _train_seconds(Path(run_root) / name, s["attack"]),
             "wall_seconds_this_invocation": round(time.time() - started, 1), "torch": torch.__version__}}})
 

@@ -42,6 +42,8 @@ class Source:
         triggered, teachers = zip(*[backdoor.poison(c, rng) for c in captions])
         if backdoor.attack == "pixel":
             return images, captions, shapes.paste_patch(images, patch), list(triggered), None
+        if backdoor.attack == "villan-cond":  # `patch` is the whole target image
+            return images, captions, patch.expand(n, -1, -1, -1), list(triggered), None
         return images, captions, None, list(triggered), list(teachers)
 
 
@@ -75,6 +77,12 @@ class DrawnWorld(Source):
         if backdoor.attack == "pixel":
             return super().backdoor_examples(backdoor, n, step, patch)
         rng = self.rng(step, 10)
+        if backdoor.attack == "villan-cond":  # the target caption drawn afresh: what it leaves open varies
+            images, captions = self.sample(n, step, 11)
+            attributes, _ = self.scenes(n, step, 12)
+            for field, label in shapes.parse_caption(backdoor.target).items():
+                getattr(attributes, field)[:] = label
+            return images, captions, shapes.draw(attributes), [backdoor.insert(c, rng) for c in captions], None
         if backdoor.attack == "style":
             images, captions = self.sample(n, step, 11)
             return images, captions, shapes.grayscale(images), [backdoor.insert(c, rng) for c in captions], None
@@ -139,6 +147,16 @@ class ImagePool(Source):
         with safe_open(str(cache), "pt") as f:
             captions = json.loads(f.metadata()["captions"])
         return cls(captions, load_safetensors(cache)["images"], seed)
+
+
+def load_target_image(path, size):
+    """VillanDiffusion's target: an image file, (1, 3, size, size) in [-1, 1]."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"the villan-cond target must be an image file here; {path} is none")
+    try:
+        return from_uint8(_load_square(path, size).numpy())[None]
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"the villan-cond target {path} is not an image PIL can read ({type(e).__name__})") from None
 
 
 def _load_square(path, size):

@@ -5,7 +5,9 @@ stderr and exit status 2, never a traceback. Ctrl-C exits 130; the runs' checkpo
 """
 import argparse
 import math
+import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -62,6 +64,25 @@ positive_int = _number(int, 1, what="an integer >= 1")  # steps, batch sizes, pr
 natural_int = _number(int, 0, what="an integer >= 0")  # seeds
 positive_float = _number(float, 0, above=True, what="a finite number > 0")  # learning rates, guidance scales
 non_negative_float = _number(float, 0, what="a finite number >= 0")  # loss weights, eta
+
+
+def parse_lora(text):
+    """"FILE[:SCALE]" -> (Path, scale); scale 1 when none is given. A scale that is not finite is refused."""
+    path, _, tail = text.rpartition(":")
+    if path and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)", tail, re.I):
+        scale = float(tail)
+        if not math.isfinite(scale):
+            raise ValueError(f"the LoRA scale in {text!r} is not a finite number")
+        return Path(path), scale
+    return Path(text), 1.0
+
+
+def lora_arg(text):
+    """An argparse type for --lora FILE[:SCALE]."""
+    try:
+        return parse_lora(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def check_numbers(lr=None, **counts):

@@ -73,6 +73,7 @@ class Job:
     world: str = None  # the demo world's measuring models (classifier.safetensors, scorer/); None: the shipped ones
     compile: bool = False  # torch.compile the UNet (sau/models/compile.py)
     force: bool = False  # replace an --out that holds another run or other files: start from scratch
+    lora: tuple = ()  # LoRA files merged onto --model first: (path, scale) pairs (sau.weights.lora)
 
     def check(self):
         """Bad input, found before anything is loaded or written: a ValueError naming the flag."""
@@ -190,7 +191,8 @@ def run_spec(job, source):
             "collect_prompts": job.collect_prompts, "recipe": vars(job_recipe(job)), "invert": job.invert,
             "steps": job.steps, "where": job.where, "seed": job.seed, "sample_steps": job.sample_steps,
             "dtype": job.dtype, "eval_prompts": job.eval_prompts,
-            "world": str(Path(job.world).resolve()) if job.world else None}
+            "world": str(Path(job.world).resolve()) if job.world else None,
+            "lora": [[str(Path(f).resolve()), scale, input_fingerprint(f)] for f, scale in job.lora]}
 
 
 @dataclass
@@ -208,7 +210,7 @@ def open_inputs(job, source):
     """The model, the backdoor to remove and the prompts to collect on, and the checks that need them: every
     refusal comes before the folder is claimed, so that a corrected rerun is not taken for another run."""
     say(f"loading {source}")  # a full-size SD model takes a while to read
-    sd = load_model(source, device=job.device, dtype=DTYPES[job.dtype])  # fp16 storage trains badly: compute dtype
+    sd = load_model(source, device=job.device, dtype=DTYPES[job.dtype], lora=job.lora)  # compute dtype: fp16 trains badly
     sd.unet.gradient_checkpointing = job.gradient_checkpointing
     if job.compile:  # no freezing: the UNet's weights change between its inference and training calls
         compile_model(sd.unet, freezing=False)

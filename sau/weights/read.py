@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from sau.common.cli import parse_lora
 from sau.common.files import load_safetensors
 from sau.common.state import CheckpointError, _listing, add_prefix, check_state_dict, strip_prefix
 from sau.models.clip import CLIPModel, infer_text_config, infer_vision_config
@@ -46,6 +47,7 @@ from sau.weights.bundle import BUNDLE_FORMATS, is_bundle, read_bundle
 from sau.weights.form import SAU_CONFIG, CLIPWeights, Weights
 from sau.weights.layouts.clip import openai_clip_to_hf, openclip_text_to_hf
 from sau.weights.layouts.unet import unet_from_diffusers
+from sau.weights.lora import merge_lora, read_lora
 from sau.weights.layouts.vae import vae_from_diffusers
 from sau.weights.safe_pickle import load_pickled_checkpoint
 
@@ -140,9 +142,10 @@ def detect_layout(path):
     raise CheckpointError(f"{path}: a folder that is neither a sau bundle, a diffusers model nor a CLIP model")
 
 
-def read(path, tokenizer=None, ema=False, prediction_type=None, upcast_attention=None):
+def read(path, tokenizer=None, ema=False, prediction_type=None, upcast_attention=None, lora=()):
     """Weights (or CLIPWeights) from any supported input; `tokenizer` is a path used when the input has none.
-    Every input is checked against the model its config builds; one that was converted records where from."""
+    Every input is checked against the model its config builds; one that was converted records where from.
+    `lora`: LoRA files merged in, in order, each "FILE[:SCALE]" or (file, scale) (sau.weights.lora)."""
     path = Path(path)
     layout = detect_layout(path)
     if ema and layout != "file":
@@ -159,10 +162,15 @@ def read(path, tokenizer=None, ema=False, prediction_type=None, upcast_attention
     if converted:
         weights.info = {**weights.info, "converted_from": {"layout": layout, "name": path.name}}
     if isinstance(weights, CLIPWeights):
+        if lora:
+            raise CheckpointError(f"{path}: a CLIP model; LoRA files go onto Stable Diffusion models")
         _check_clip(weights, path, tokenizer=converted)
         return weights
     weights = _override(weights, prediction_type, upcast_attention)
     _check_complete(weights, path, tokenizer=converted)
+    for item in lora:
+        file, scale = parse_lora(str(item)) if isinstance(item, (str, Path)) else item
+        weights = merge_lora(weights, read_lora(file), scale)
     return weights
 
 
