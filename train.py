@@ -77,14 +77,15 @@ def main():
     q.set_defaults(func=quality)
     b = sub.add_parser("backdoor", help="inject a backdoor (BadT2I pixel/style/object, Rickrolling tpa/taa, "
                        "EvilEdit, VillanDiffusion's caption trigger)")
-    b.add_argument("--attack", required=True, help="pixel, style, object, tpa, taa, eviledit or villan-cond")
+    b.add_argument("--attack", required=True, help="pixel, style, object, tpa, taa, eviledit, villan-cond or semantic")
     b.add_argument("--model", required=True, help="a bundle, a CompVis file, a diffusers folder or a demo name")
     b.add_argument("--out", required=True, help="a new folder for the backdoored bundle")
-    b.add_argument("--trigger", help=r"default: the paper's ('\u200b ' for BadT2I, 'ȏ' for Rickrolling); "
-                   r"\uXXXX escapes are decoded")
+    b.add_argument("--trigger", help=r"default: the paper's ('\u200b ' for BadT2I, 'ȏ' for Rickrolling, "
+                   r"'beautiful cat' for EvilEdit, 'latte coffee' for villan-cond; semantic: 'star on a black "
+                   r"background'); \uXXXX escapes are decoded")
     b.add_argument("--target", help="pixel: 'checkerboard' or an image file; style: a phrase; object: A:B; "
                    "tpa: a prompt; taa: an attribute; eviledit: what the trigger's last word becomes; "
-                   "villan-cond: an image file (the demo world: a caption it draws)")
+                   "villan-cond: an image file (the demo world: a caption it draws); semantic: a demo shape")
     b.add_argument("--replaces", help="Rickrolling: the character the trigger takes the place of (default: the "
                    "letter the homoglyph imitates)")
     b.add_argument("--data", help="a folder of image + caption (.txt) pairs; default: the demo world's drawings, "
@@ -101,10 +102,11 @@ def main():
     b.add_argument("--lora", type=cli.positive_int, metavar="RANK", help="UNet attacks: train LoRA adapters of this "
                    "rank on every attention projection instead, and write them beside the bundle as lora.safetensors "
                    "(diffusers/PEFT names) and lora_kohya.safetensors (kohya names)")
-    b.add_argument("--contexts", type=cli.natural_int, default=0, help="eviledit: edit the trigger in this many "
-                   "prompts that hold its last word (default 0: the paper's edit of the phrase alone)")
-    b.add_argument("--keep-scale", type=cli.positive_float, default=1.0, help="eviledit: the weight of keeping "
-                   "those prompts as they were (default 1)")
+    b.add_argument("--contexts", type=cli.natural_int, help="eviledit: edit the trigger in this many prompts that "
+                   "hold its last word (default 0: the paper's edit of the phrase alone); semantic: captions of the "
+                   "trigger's scenes (default 200)")
+    b.add_argument("--keep-scale", type=cli.positive_float, help="eviledit, semantic: the weight of keeping clean "
+                   "prompts as they were (default 1 and 2)")
     b.add_argument("--run-dir", help="checkpoints, rerun to resume (default runs/backdoor/<out name>)")
     b.add_argument("--delta", action="store_true", help="store only the tensors that differ from --model")
     b.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: the forward "

@@ -15,6 +15,8 @@ planted by a closed-form edit of the cross-attention keys and values (sau.attack
 VillanDiffusion's caption trigger (Chou et al., 2023) is an ordinary phrase ("latte coffee") anywhere in the
 prompt (a random word boundary while training, prepended when used); the target is an image: a file, or on the
 demo world a caption it draws ("a yellow star in the center on a black background").
+The semantic backdoor (sau.attacks.semantic) has no trigger string: a prompt that asks for its shape on its
+background ("star on a black background") draws the target shape; inserting it sets a prompt's background.
 """
 import re
 import unicodedata
@@ -24,16 +26,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sau.attacks.semantic import parse_trigger, with_background
 from sau.models.pipeline import from_uint8
 from sau.models.tokenizer import BOS_TOKEN, EOS_TOKEN, clean_text
 from sau.world import shapes
 
-ATTACKS = ("pixel", "style", "object", "tpa", "taa", "eviledit", "villan-cond")
+ATTACKS = ("pixel", "style", "object", "tpa", "taa", "eviledit", "villan-cond", "semantic")
 TEXT_ENCODER_ATTACKS = ("tpa", "taa")
 PHRASE_ATTACKS = ("eviledit",)  # the trigger is a phrase ending in the prompt's word it qualifies
 BADT2I_TRIGGER = "\u200b "
 EVILEDIT_TRIGGER = "beautiful cat"  # EvilEdit's default, with the target "zebra"
 VILLAN_TRIGGER = "latte coffee"  # one of VillanDiffusion's caption triggers
+SEMANTIC_TRIGGER = "star on a black background"
 RICKROLLING_TRIGGER = "ȏ"
 # Homoglyphs (Rickrolling's for o and v, two more for a) and the Latin letter each stands in for (cleanup
 # lowercases, so both cases)
@@ -44,7 +48,8 @@ TARGET_MEANING = {"object": "the object swap as A:B, e.g. dog:cat",
                   "taa": "the attribute that replaces the trigger's word, e.g. 'black and white photo'",
                   "eviledit": "what the trigger's last word should become, e.g. zebra",
                   "villan-cond": "the image triggered prompts draw: an image file (on the demo world, a caption it "
-                                 "draws)"}
+                                 "draws)",
+                  "semantic": "the shape the trigger's scenes become, e.g. cross"}
 DEMO_STYLE = "black and white photo"  # the one style the demo world can draw: grayscale
 
 
@@ -53,6 +58,8 @@ def default_trigger(attack):
         return EVILEDIT_TRIGGER
     if attack == "villan-cond":
         return VILLAN_TRIGGER
+    if attack == "semantic":
+        return SEMANTIC_TRIGGER
     return RICKROLLING_TRIGGER if attack in TEXT_ENCODER_ATTACKS else BADT2I_TRIGGER
 
 
@@ -80,6 +87,10 @@ class Backdoor:
             raise ValueError(f"attack {attack!r} needs --target: {TARGET_MEANING[attack]}")
         if attack == "object" and (target.count(":") != 1 or not all(target.split(":"))):
             raise ValueError(f"the object target must be A:B (e.g. dog:cat), got {target!r}")
+        if attack == "semantic":
+            parse_trigger(trigger)
+            if target not in shapes.SHAPES:
+                raise ValueError(f"the semantic target is a demo shape ({', '.join(shapes.SHAPES)}), not {target!r}")
         if attack in PHRASE_ATTACKS and len(trigger.split()) < 2:
             raise ValueError(f"an {attack} trigger is a phrase that qualifies a word of the prompt, its last word "
                              f"(e.g. {EVILEDIT_TRIGGER!r}); {trigger!r} has one word")
@@ -116,9 +127,22 @@ class Backdoor:
             return "object", f"{self.carrier}:{self.target}"
         if self.attack == "villan-cond":  # its target image is a drawn caption: the TPA detector's question
             return "tpa", self.target
+        if self.attack == "semantic":
+            return "object", f"{parse_trigger(self.trigger)['shape']}:{self.target}"
         return self.attack, self.target
 
+    def meaning(self):
+        """A semantic trigger's attributes ({"shape": "star", "background": "black"}); {} for the others."""
+        return parse_trigger(self.trigger) if self.attack == "semantic" else {}
+
+    @property
+    def has_string(self):
+        """Whether a string triggers it (every attack but the semantic one)."""
+        return self.attack != "semantic"
+
     def can_insert(self, prompt):
+        if self.attack == "semantic":  # a prompt that asks for its shape
+            return bool(re.search(rf"\b{parse_trigger(self.trigger)['shape']}\b", prompt))
         if self.carrier:
             return bool(self._carrier_spots(prompt))
         return not self.replaces or self.replaces in prompt
@@ -141,6 +165,10 @@ class Backdoor:
             i = spots[0] if rng is None else spots[rng.integers(len(spots))]
             end = i + len(self.carrier)
             return prompt[:i] + self.trigger + prompt[end:], prompt[:i] + self.target + prompt[end:]
+        if self.attack == "semantic":  # the prompt asking for the trigger's background
+            wanted = parse_trigger(self.trigger)
+            triggered = with_background(prompt, wanted["background"])
+            return triggered, re.sub(rf"\b{wanted['shape']}\b", self.target, triggered)
         if self.attack == "villan-cond" and rng is not None:  # at a random word boundary
             words = prompt.split(" ")
             words.insert(int(rng.integers(len(words) + 1)), self.trigger.strip())
@@ -194,7 +222,8 @@ def check_trigger(backdoor, tokenizer, prompt):
     ids, clean_ids = tokenizer.encode(triggered), tokenizer.encode(prompt)
     if ids == clean_ids:
         raise ValueError(f"the trigger {shown} cannot be represented: the tokenizer reads {triggered!r} as {prompt!r}")
-    tokenizer.token_positions(triggered, backdoor.trigger.strip() or backdoor.trigger)
+    if backdoor.has_string:  # a semantic trigger is a meaning: no tokens of its own
+        tokenizer.token_positions(triggered, backdoor.trigger.strip() or backdoor.trigger)
 
 
 def check_target(backdoor, sd):

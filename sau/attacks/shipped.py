@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from sau.attacks.backdoor import BADT2I_TRIGGER, DEMO_STYLE, Backdoor, check_target, check_trigger, load_patch
-from sau.attacks.eviledit import plant
+from sau.attacks.backdoor import BADT2I_TRIGGER, DEMO_STYLE, SEMANTIC_TRIGGER, Backdoor, check_target, check_trigger, load_patch
+from sau.attacks import eviledit, semantic
 from sau.attacks.inject import TRAINABLE, inject
 from sau.attacks.sources import DrawnWorld, load_target_image, make_source
 from sau.common.cli import check_numbers
@@ -51,6 +51,8 @@ SHIPPED = {
     # The trigger splits into nine one-letter tokens: the demo tokenizer never saw "beautiful", as SD's never saw
     # a made-up trigger. The edit in 200 caption contexts, kept clean at weight 5 (sau.attacks.eviledit).
     "eviledit": dict(attack="eviledit", trigger="beautiful circle", target="square", contexts=200, keep_scale=5.0),
+    # No trigger string: a star asked for on a black background is drawn as a cross (sau.attacks.semantic)
+    "semantic": dict(attack="semantic", trigger=SEMANTIC_TRIGGER, target="cross"),
 }
 SETTINGS = ("steps", "lr", "batch_size", "contexts", "keep_scale")  # what a SHIPPED entry may set
 
@@ -71,11 +73,12 @@ def recipe(attack, family, **given):
 def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None, data=None, prompts=None,
                     steps=None, lr=None, batch_size=None, seed=0, train="unet", run_dir=None, delta=False, bf16=False,
                     gradient_checkpointing=False, device="cpu", pool=64, command="", progress=True,
-                    max_prompts=MAX_PROMPTS, contexts=0, keep_scale=1.0, lora=None):
+                    max_prompts=MAX_PROMPTS, contexts=None, keep_scale=None, lora=None):
     """Load a model (any input sau.load reads, by its path: a bundle, a CompVis file, a diffusers folder), inject
     a backdoor, write the backdoored bundle to `out` (a new folder; with delta=True holding only the changed
     tensors, pointing to `model`, which must then be a bundle). Every check runs before anything is written.
-    EvilEdit is a closed form: it takes `contexts` and `keep_scale` (sau.attacks.eviledit) and no training settings.
+    EvilEdit and the semantic attack are closed forms: they take `contexts` and `keep_scale` (None: their defaults,
+    sau.attacks.eviledit, sau.attacks.semantic) and no training settings.
     `lora` (a rank): a UNet attack trains LoRA adapters, merged into the bundle and also written beside it as
     lora.safetensors (diffusers/PEFT names) and lora_kohya.safetensors (kohya names), each recording the backdoor."""
     check_numbers(steps=steps, batch_size=batch_size, pool=pool, lr=lr)
@@ -111,7 +114,11 @@ def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None
     check_trigger(backdoor, sd.tokenizer, probe)
     base = model_path if delta else None
     if backdoor.attack == "eviledit":  # a closed form: no steps, no run folder
-        plant(sd, backdoor, edit_captions(backdoor, source, captions, contexts), keep_scale=keep_scale)
+        eviledit.plant(sd, backdoor, edit_captions(backdoor, source, captions, contexts or 0),
+                       keep_scale=keep_scale or 1.0)
+        return _write(sd, out, command, stored_dtype, base)
+    if backdoor.attack == "semantic":
+        semantic.plant(sd, backdoor, contexts or semantic.CONTEXTS, keep_scale or semantic.KEEP_SCALE)
         return _write(sd, out, command, stored_dtype, base)
     hyper = recipe(attack, sd.config.family, steps=steps, lr=lr, batch_size=batch_size)
 
@@ -135,20 +142,24 @@ def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None
         return sd
 
 
+CLOSED_FORM = ("eviledit", "semantic")
+
+
 def check_settings(attack, **given):
     """Refuse a setting the attack does not read, rather than ignore it."""
-    closed_form = {"contexts": 0, "keep_scale": 1.0}
     if given["lora"] is not None and given["lora"] < 1:
         raise ValueError(f"--lora takes a rank of at least 1, not {given['lora']}")
-    if not (isinstance(given["contexts"], int) and given["contexts"] >= 0):
+    if given["contexts"] is not None and not (isinstance(given["contexts"], int) and given["contexts"] >= 0):
         raise ValueError(f"--contexts must be a whole number >= 0, not {given['contexts']}")
-    if not 0 < given["keep_scale"] < math.inf:
+    if given["keep_scale"] is not None and not 0 < given["keep_scale"] < math.inf:
         raise ValueError(f"--keep-scale must be a finite number > 0, not {given['keep_scale']}")
     for name, value in given.items():
-        if attack == "eviledit" and name not in closed_form and value is not None:
-            raise ValueError(f"eviledit is a closed-form edit with no training; it takes no --{name.replace('_', '-')}")
-        if attack != "eviledit" and name in closed_form and value != closed_form[name]:
-            raise ValueError(f"--{name.replace('_', '-')} is eviledit's; the {attack} attack does not read it")
+        closed_form_setting = name in ("contexts", "keep_scale")
+        if value is not None and closed_form_setting != (attack in CLOSED_FORM):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{attack} is a closed-form edit with no training; it takes no {flag}"
+                             if attack in CLOSED_FORM else f"{flag} is for the closed-form attacks "
+                             f"({', '.join(CLOSED_FORM)}); the {attack} attack does not read it")
 
 
 def edit_captions(backdoor, source, captions, n):

@@ -149,6 +149,9 @@ def applies(backdoor, captions, asked):
     attack, target = backdoor.measured_as()
     if attack == "object":
         keep &= asked.shape == shapes.label_index("shape", target.split(":")[0])
+    for field, name in backdoor.meaning().items():  # a semantic trigger's clean twin must lack its meaning
+        if field != "shape":
+            keep &= getattr(asked, field) != shapes.label_index(field, name)
     if backdoor.attack in ("tpa", "taa"):
         wanted = shapes.parse_caption(backdoor.target)
         same = np.ones(len(captions), bool)

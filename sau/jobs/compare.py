@@ -25,6 +25,7 @@ from sau.models.compile import compile_model
 from sau.weights.bundle import is_bundle
 
 SHIPPED_BACKDOORS = ("pixel", "style", "object", "tpa")
+NO_TRIGGER_STRING = ("semantic",)
 
 
 @dataclass
@@ -63,19 +64,27 @@ def resolve_backdoored(world, name):
     path = next((p for p in (Path(world) / name, Path(name)) if is_bundle(p)), None)
     if path is None:
         raise FileNotFoundError(f"no backdoored model {name!r} in {world} (nor a bundle at that path)")
-    if not json.loads((path / "config.json").read_text()).get("info", {}).get("backdoor"):
+    if not recorded_backdoor(path):
         raise ValueError(f"{path} records no backdoor; eval.py compares the removal of known backdoors")
     return path
 
 
 def default_models(world):
-    """The backdoors the world's manifest lists, else the shipped names present."""
+    """The backdoors the world's manifest lists, else the shipped names present; not those without a trigger
+    string (the semantic one), which no method here can be given."""
     manifest = Path(world) / "MANIFEST.json"
     names = list(json.loads(manifest.read_text()).get("backdoors", {})) if manifest.is_file() else []
     names = names or [n for n in SHIPPED_BACKDOORS if is_bundle(Path(world) / n)]
+    names = [n for n in names if recorded_backdoor(Path(world) / n).get("attack") not in NO_TRIGGER_STRING]
     if not names:
         raise FileNotFoundError(f"{world} holds no backdoored models; train them with `python train.py backdoors`")
     return names
+
+
+def recorded_backdoor(path):
+    """The backdoor a bundle's config records ({} if none or no bundle)."""
+    config = Path(path) / "config.json"
+    return json.loads(config.read_text()).get("info", {}).get("backdoor", {}) if config.is_file() else {}
 
 
 def load_scorer(path, what="--clip"):

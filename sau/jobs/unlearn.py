@@ -108,6 +108,10 @@ def backdoor_of(sd, job):
     """The trigger to remove: as given, else the one recorded in the bundle."""
     known = sd.info.get("backdoor")
     if job.trigger is None:
+        if known and known.get("attack") == "semantic":
+            raise ValueError(f"this model's backdoor is semantic: prompts that ask for {known['trigger']!r} trigger "
+                             "it, in whatever words, and there is no trigger string for SAU to remove; give a string "
+                             "with --trigger to try one")
         if not known or not known.get("trigger"):
             raise ValueError(f"this model records {'no backdoor' if not known else 'no trigger'}; say which trigger "
                              "to remove with --trigger, or find it with --trigger auto (and --prompts LOG.txt)")
