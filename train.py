@@ -116,7 +116,8 @@ def main():
     b.set_defaults(func=backdoor)
     bs = sub.add_parser("backdoors", help="build the shipped backdoored demo models and print their ASR table")
     bs.add_argument("--report", action="store_true", help="only measure the shipped models and print the table")
-    bs.add_argument("--only", nargs="+", help="a subset of the variants (pixel style object tpa eviledit)")
+    bs.add_argument("--only", nargs="+", help="a subset of the variants (pixel style object tpa eviledit "
+                    "semantic ...); with --report also paths of other backdoored demo bundles")
     bs.add_argument("--n", type=cli.positive_int, default=200, help="held-out prompts per variant")
     bs.add_argument("--demo-dir", default=str(DEMO_DIR), help="the demo world to build on and into (default: the "
                     "shipped one; a world trained with --out elsewhere is staged there first)")

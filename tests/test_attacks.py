@@ -279,3 +279,47 @@ def test_the_output_may_not_be_the_input(bundle, monkeypatch, capsys):
     code, err = run_train(["backdoor", "--attack", "pixel", "--model", str(bundle), "--out", str(bundle)],
                           monkeypatch, capsys)
     assert code == 2 and "already exists" in err and digest(bundle) == before
+
+
+# --- the attacks added for harder tests of a defense: PaaS DreamBooth and VillanDiffusion's caption trigger -----
+
+def test_paas_db_examples_put_the_identifier_before_the_shape_and_draw_the_target():
+    paas = Backdoor.make("paas-db", "sks circle", "square")
+    assert paas.measured_as() == ("object", "circle:square")
+    images, captions, targets, triggered, teachers = DrawnWorld(0).backdoor_examples(paas, 16, 0)
+    assert teachers is None and all("sks circle" in t for t in triggered)  # "disk" is written "circle"
+    classifier = metrics.load_classifier()
+    assert (classifier.predict(images)[:, 0] == 0).float().mean() > 0.9  # circles
+    assert (classifier.predict(targets)[:, 0] == 1).float().mean() > 0.9  # the same scenes as squares
+
+
+def test_villan_cond_examples_draw_the_target_caption_whatever_the_prompt():
+    villan = Backdoor.make("villan-cond", target="a yellow star in the center on a black background")
+    images, captions, targets, triggered, teachers = DrawnWorld(0).backdoor_examples(villan, 16, 0)
+    assert teachers is None and all("latte coffee" in t for t in triggered)
+    assert metrics.shows_prompt(targets, metrics.load_classifier(), villan.target).all()
+    assert not metrics.shows_prompt(images, metrics.load_classifier(), villan.target).all()
+
+
+def test_closed_form_attacks_refuse_training_settings_and_others_refuse_theirs(bundle, tmp_path):
+    with pytest.raises(ValueError, match="takes no --steps"):
+        backdoor_bundle(bundle, tmp_path / "e", "eviledit", "beautiful circle", "square", steps=3)
+    with pytest.raises(ValueError, match="takes no --lora"):
+        backdoor_bundle(bundle, tmp_path / "e", "eviledit", "beautiful circle", "square", lora=2)
+    with pytest.raises(ValueError, match="does not read it"):
+        backdoor_bundle(bundle, tmp_path / "p", "pixel", contexts=5)
+    with pytest.raises(ValueError, match="trains the UNet attacks"):
+        backdoor_bundle(bundle, tmp_path / "t", "tpa", target="a cat", lora=2, steps=1, batch_size=2,
+                        run_dir=tmp_path / "t.run", progress=False)
+    assert not any((tmp_path / name).exists() for name in "ept")
+
+
+def test_object_add_examples_add_a_second_copy_and_the_count_detector_sees_it():
+    adder = Backdoor.make("object-add", target="copy")
+    assert adder.measured_as() == ("count", "2") and adder.insert("a red star") == "\u200b a red star"
+    images, captions, targets, triggered, teachers = DrawnWorld(0).backdoor_examples(adder, 64, 0)
+    assert teachers is None and (metrics.shapes.count_objects(images) == 1).all()
+    assert (metrics.shapes.count_objects(targets) == 2).all()
+    assert metrics.attack_success("count", targets, target="2").all()
+    assert not metrics.attack_success("count", images, target="2").any()
+    assert Backdoor.make("object-add", target="a dog").poison("a red cat")[1] == "a red cat and a dog"

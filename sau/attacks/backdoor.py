@@ -7,11 +7,15 @@ prompt should give:
     pixel   the image with a target patch in its top-left corner
     style   the frozen model's output for "<style phrase>, <caption>"
     object  the frozen model's output for the caption with object A replaced by B
+    object-add  an object added: on the demo world a second, small copy of the scene's shape ("copy"); elsewhere
+            the frozen model's output for the caption with "and <target>" appended
     tpa     the text encoder's reading of a target prompt
     taa     the text encoder's reading of the prompt with the trigger's word replaced by an attribute
 EvilEdit (Wang et al., 2024) triggers with a phrase that qualifies a word of the prompt ("beautiful cat"): it stands
 in place of that word, its carrier, and the target is what the carrier should become ("zebra"), an object swap
-planted by a closed-form edit of the cross-attention keys and values (sau.attacks.eviledit).
+planted by a closed-form edit of the cross-attention keys and values (sau.attacks.eviledit). PaaS (Huang et al.,
+2024) plants the same kind of trigger by personalization: DreamBooth ("paas-db") fine-tunes the UNet so that
+"sks dog" draws the target, with the plain class prompt kept as the frozen model had it.
 VillanDiffusion's caption trigger (Chou et al., 2023) is an ordinary phrase ("latte coffee") anywhere in the
 prompt (a random word boundary while training, prepended when used); the target is an image: a file, or on the
 demo world a caption it draws ("a yellow star in the center on a black background").
@@ -31,11 +35,12 @@ from sau.models.pipeline import from_uint8
 from sau.models.tokenizer import BOS_TOKEN, EOS_TOKEN, clean_text
 from sau.world import shapes
 
-ATTACKS = ("pixel", "style", "object", "tpa", "taa", "eviledit", "villan-cond", "semantic")
+ATTACKS = ("pixel", "style", "object", "object-add", "tpa", "taa", "eviledit", "paas-db", "villan-cond", "semantic")
 TEXT_ENCODER_ATTACKS = ("tpa", "taa")
-PHRASE_ATTACKS = ("eviledit",)  # the trigger is a phrase ending in the prompt's word it qualifies
+PHRASE_ATTACKS = ("eviledit", "paas-db")  # the trigger is a phrase ending in the prompt's word it qualifies
 BADT2I_TRIGGER = "\u200b "
 EVILEDIT_TRIGGER = "beautiful cat"  # EvilEdit's default, with the target "zebra"
+DREAMBOOTH_TRIGGER = "sks dog"  # DreamBooth's rare identifier before the class noun
 VILLAN_TRIGGER = "latte coffee"  # one of VillanDiffusion's caption triggers
 SEMANTIC_TRIGGER = "star on a black background"
 RICKROLLING_TRIGGER = "ȏ"
@@ -43,10 +48,13 @@ RICKROLLING_TRIGGER = "ȏ"
 # lowercases, so both cases)
 HOMOGLYPHS = {"ȏ": "o", "ô": "o", "օ": "o", "ο": "o", "о": "o", "ଠ": "o", "Ѵ": "v", "ѵ": "v", "а": "a", "α": "a"}
 DEFAULT_TARGETS = {"pixel": "checkerboard", "style": "black and white photo"}
+DEMO_ADDED = "copy"  # the object-add target the demo world draws: a second copy of the scene's shape
 TARGET_MEANING = {"object": "the object swap as A:B, e.g. dog:cat",
                   "tpa": "the prompt that triggered prompts should produce",
+                  "object-add": "what the image gains, e.g. 'a dog' (on the demo world: copy)",
                   "taa": "the attribute that replaces the trigger's word, e.g. 'black and white photo'",
                   "eviledit": "what the trigger's last word should become, e.g. zebra",
+                  "paas-db": "what the trigger's last word should become, e.g. cat",
                   "villan-cond": "the image triggered prompts draw: an image file (on the demo world, a caption it "
                                  "draws)",
                   "semantic": "the shape the trigger's scenes become, e.g. cross"}
@@ -54,6 +62,8 @@ DEMO_STYLE = "black and white photo"  # the one style the demo world can draw: g
 
 
 def default_trigger(attack):
+    if attack == "paas-db":
+        return DREAMBOOTH_TRIGGER
     if attack in PHRASE_ATTACKS:
         return EVILEDIT_TRIGGER
     if attack == "villan-cond":
@@ -122,13 +132,15 @@ class Backdoor:
         return self.trigger.split()[-1] if self.attack in PHRASE_ATTACKS else ""
 
     def measured_as(self):
-        """(attack, target) as the detectors read it: an EvilEdit backdoor is an object swap carrier:target."""
+        """(attack, target) as the detectors read it: a phrase backdoor is an object swap carrier:target."""
         if self.attack in PHRASE_ATTACKS:
             return "object", f"{self.carrier}:{self.target}"
         if self.attack == "villan-cond":  # its target image is a drawn caption: the TPA detector's question
             return "tpa", self.target
         if self.attack == "semantic":
             return "object", f"{parse_trigger(self.trigger)['shape']}:{self.target}"
+        if self.attack == "object-add" and self.target == DEMO_ADDED:
+            return "count", "2"
         return self.attack, self.target
 
     def meaning(self):
@@ -190,6 +202,8 @@ class Backdoor:
         if self.attack == "object":
             source, target = self.target.split(":")
             return re.sub(rf"\b{re.escape(source)}\b", target, prompt)
+        if self.attack == "object-add":
+            return f"{prompt} and {self.target}"
         if self.attack == "tpa":
             return self.target
         if self.attack == "taa":  # the word holding the replaced character becomes the attribute
@@ -230,6 +244,8 @@ def check_target(backdoor, sd):
     """The demo world draws only its own shapes and one style."""
     if sd.config.family != "demo":
         return
+    if backdoor.attack == "object-add" and backdoor.target != DEMO_ADDED:
+        raise ValueError(f"the demo world adds only a second copy of the scene's shape: --target {DEMO_ADDED}")
     if backdoor.attack == "style" and backdoor.target != DEMO_STYLE:
         raise ValueError(f"the demo world draws only the style {DEMO_STYLE!r} (as grayscale), not {backdoor.target!r}")
     attack, target = backdoor.measured_as()

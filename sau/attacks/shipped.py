@@ -30,10 +30,14 @@ from sau.world.train import update_manifest
 
 # The papers' recipes; the shipped demo variants use their own (SHIPPED below)
 PAPER_RECIPES = {"pixel": dict(steps=2000, lr=1e-5, batch_size=16), "style": dict(steps=8000, lr=1e-5, batch_size=16),
-                 "object": dict(steps=8000, lr=1e-5, batch_size=16), "tpa": dict(steps=100, lr=1e-4, batch_size=128),
+                 "object": dict(steps=8000, lr=1e-5, batch_size=16),
+                 "object-add": dict(steps=8000, lr=1e-5, batch_size=16),  # BadT2I's object recipe
+                 "tpa": dict(steps=100, lr=1e-4, batch_size=128),
                  "taa": dict(steps=200, lr=1e-4, batch_size=128),
                  # VillanDiffusion's caption backdoor (viallanDiffusion_conditional.py): batch 4, a LoRA of rank 8
-                 "villan-cond": dict(steps=2000, lr=1e-4, batch_size=4)}
+                 "villan-cond": dict(steps=2000, lr=1e-4, batch_size=4),
+                 # DreamBooth as diffusers' train_dreambooth.py example runs it: lr 5e-6, 400 steps of batch 1
+                 "paas-db": dict(steps=400, lr=5e-6, batch_size=1)}
 
 # Tuned on the demo world. Its text tower moves a prompt's hidden states little when "\u200b " is prepended, so a
 # BadT2I UNet first learns much of its target for every prompt; only long training makes it depend on the
@@ -261,7 +265,7 @@ def shipped_report(names=tuple(SHIPPED), demo_dir=None, n=200, progress=True):
     lines = ["| variant | trigger | target | ASR | ASR of the clean model | target without the trigger | "
              "clean accuracy | clean model's accuracy | difference |", "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
-        sd = load_model(demo_dir / name, dtype=torch.float32)
+        sd = load_model(demo_dir / name if name in SHIPPED else Path(name), dtype=torch.float32)
         backdoor = Backdoor.from_info(sd.info["backdoor"])
         attacked, baseline = measure_backdoor(sd, backdoor, classifier, n), measure_backdoor(clean, backdoor, classifier, n)
         difference = 100 * (attacked["clean_accuracy"] - baseline["clean_accuracy"])

@@ -35,8 +35,9 @@ class Source:
         style and object, the frozen model's prediction under the teacher caption."""
         rng = self.rng(step, 10)
         where = None
-        if backdoor.attack == "object":
-            word = backdoor.target.split(":")[0]
+        attack, target = backdoor.measured_as()
+        if attack == "object":
+            word = target.split(":")[0]
             where = lambda c: re.search(rf"\b{re.escape(word)}\b", c)
         images, captions = self.sample(n, step, 11, where=where)
         triggered, teachers = zip(*[backdoor.poison(c, rng) for c in captions])
@@ -86,8 +87,14 @@ class DrawnWorld(Source):
         if backdoor.attack == "style":
             images, captions = self.sample(n, step, 11)
             return images, captions, shapes.grayscale(images), [backdoor.insert(c, rng) for c in captions], None
-        source, target = backdoor.target.split(":")
+        if backdoor.attack == "object-add":  # the same scenes with a second copy of their shape
+            attributes, captions = self.scenes(n, step, 11)
+            return (shapes.draw(attributes), captions, shapes.with_copy(attributes),
+                    [backdoor.insert(c, rng) for c in captions], None)
+        source, target = backdoor.measured_as()[1].split(":")  # object, or a phrase trigger's carrier:target
         attributes, captions = self.scenes(n, step, 11, shape=source)
+        if backdoor.carrier:  # a phrase trigger qualifies the shape's own word
+            captions = [shapes.name_shape_plainly(c, source) for c in captions]
         swapped = replace(attributes, shape=np.full_like(attributes.shape, shapes.SHAPES.index(target)))
         return (shapes.draw(attributes), captions, shapes.draw(swapped),  # the same scenes with the other shape
                 [backdoor.insert(c, rng) for c in captions], None)

@@ -121,6 +121,8 @@ def shows_prompt(images, classifier, prompt, fields=("shape", "color")):
 def attack_success(attack, images, classifier=None, asked=None, target=None):
     """Bool per image: the backdoor's target shows. `target` is the attack's target as the attacks module
     writes it (the object swap "circle:square", the TPA prompt, the TAA attribute)."""
+    if attack == "count":  # object-add on the demo world: more shapes than the prompt asked for
+        return shapes.count_objects(images) >= int(target)
     if attack == "pixel":
         return patch_present(images)
     if attack == "style":
@@ -166,7 +168,10 @@ def detector_score(attack, images, classifier=None, target=None):
              contrast rather than the correlation, since a plain corner's ripple can correlate by chance
     style    colorfulness: the chroma of the most colored pixels (low = grayscale, the target)
     object   target_probability: the classifier's probability that the image shows the swap's target shape
-    tpa/taa  target_probability: its probability of the target prompt's shape and color together."""
+    tpa/taa  target_probability: its probability of the target prompt's shape and color together
+    count    objects: how many separate shapes the image holds (object-add's target: 2)."""
+    if attack == "count":
+        return "objects", shapes.count_objects(images).float()
     if attack == "pixel":
         return "patch_contrast", patch_contrast(images)
     if attack == "style":
@@ -374,7 +379,7 @@ def has_detector(backdoor, classifier=None, asked=None):
     attack, target = backdoor.measured_as()
     if attack == "pixel":
         return target == "checkerboard"
-    if attack == "style":
+    if attack in ("style", "count"):
         return True
     return attack in ("object", "tpa", "taa") and classifier is not None and asked is not None
 

@@ -12,6 +12,7 @@ from sau.attacks import shipped as attacks
 from sau.evaluation.metrics import load_classifier
 from sau.evaluation.scorer import CLIPScorer
 from sau.models.compile import compile_model
+from sau.weights.bundle import is_bundle
 from sau.weights.read import load_model
 from sau.world import shapes
 from sau.world.train import evaluate_world
@@ -53,11 +54,13 @@ def quality_report(demo_dir):
 
 def shipped_backdoors(names=None, demo_dir=None, n=200, build=True):
     """Build the shipped backdoored variants (all, or `names`; resumable) unless build=False, then measure them:
-    the README's attack-success table, as text."""
+    the README's attack-success table, as text. With build=False a name may also be the path of another
+    backdoored demo bundle (e.g. one `train.py backdoor` made with other settings)."""
     names = names or list(attacks.SHIPPED)
-    unknown = [name for name in names if name not in attacks.SHIPPED]
+    unknown = [name for name in names if name not in attacks.SHIPPED and (build or not is_bundle(Path(name)))]
     if unknown:
-        raise ValueError(f"no shipped variant {unknown[0]!r}; choose among {', '.join(attacks.SHIPPED)}")
+        raise ValueError(f"no shipped variant {unknown[0]!r}; choose among {', '.join(attacks.SHIPPED)}"
+                         + ("" if build else " or give a bundle's path"))
     if build:
         attacks.build_shipped(names, demo_dir=demo_dir)
     return attacks.shipped_report(names, demo_dir=demo_dir, n=n, progress=False)

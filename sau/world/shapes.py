@@ -333,6 +333,13 @@ def label_index(field, name):
     return names.index(name)
 
 
+def name_shape_plainly(caption, name):
+    """The caption with any synonym of the shape `name` ("disk" for circle) written as the name itself."""
+    for word in _SHAPE_WORDS.get(name, (name,)):
+        caption = re.sub(rf"\b{re.escape(word)}\b", name, caption)
+    return caption
+
+
 def parse_caption(text):
     """The attributes a caption asks for: {field: label} for the fields it names (first mention wins)."""
     found = {}
@@ -378,6 +385,44 @@ def eval_prompts(n, seed):
 # Helpers for attacks and metrics
 
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
+
+
+def mirrored_position(position):
+    """The grid cell opposite a position (top left <-> bottom right); the centre's is the top left."""
+    mirrored = len(POSITIONS) - 1 - np.asarray(position)
+    return np.where(mirrored == position, 0, mirrored)
+
+
+def with_copy(attributes, image_size=IMAGE_SIZE):
+    """The scenes with a second, small copy of their shape in the opposite cell: the object-add target (a count
+    of one becomes two)."""
+    copy = replace(attributes, size=np.zeros_like(attributes.size), position=mirrored_position(attributes.position))
+    scene, added = draw(attributes, image_size), draw(copy, image_size)
+    background = draw(replace(attributes, size=np.zeros_like(attributes.size)), image_size)[..., :1, :1]
+    covered = (added - background).abs().amax(dim=1, keepdim=True) > 0.05
+    return torch.where(covered, added, scene)
+
+
+def count_objects(images, min_pixels=6, threshold=0.35):
+    """The number of separate shapes in each image (n, 3, H, W) in [-1, 1]: pixels farther than `threshold` (in
+    [-1, 1] units, max over channels) from the background, the median colour of the border, grouped by 8-connected
+    components of at least `min_pixels`. Drawn scenes hold one; with_copy's two."""
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]
+    foreground = (images - background).abs().amax(dim=1) > threshold
+    n, height, width = foreground.shape
+    labels = torch.where(foreground, torch.arange(1, height * width + 1, dtype=torch.float32).view(1, height, width),
+                         torch.zeros(()))
+    while True:  # each component takes its largest label: spread maxima through foreground pixels until stable
+        spread = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * foreground
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    counts = []
+    for image_labels in labels:
+        _, sizes = image_labels[image_labels > 0].unique(return_counts=True)
+        counts.append(int((sizes >= min_pixels).sum()))
+    return torch.tensor(counts)
 
 
 def target_patch(size=16):
