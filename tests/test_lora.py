@@ -6,6 +6,7 @@ image sau generates from the same file; the kohya file sau writes of the same ad
 the same merged weights; attacks trained with --lora write files that give back the bundle they made; and what
 does not fit is refused with one line, nothing written.
 """
+import json
 import re
 import types
 from pathlib import Path
@@ -210,3 +211,13 @@ def test_unlearn_refuses_a_scale_that_is_not_finite_before_loading(tmp_path):
     from conftest import unlearn
     result = unlearn("--lora", "x.safetensors:nan", "--out", tmp_path / "out", cwd=tmp_path)
     assert result.returncode == 2 and "not a finite number" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_unlearn_takes_a_backdoor_delivered_as_a_lora(tiny_bundle, lora_attack, tmp_path):
+    """The LoRA file records its backdoor: on its base model, unlearn.py needs no --trigger."""
+    from conftest import unlearn
+    result = unlearn("--model", tiny_bundle, "--lora", lora_attack.root / "pixel" / "lora.safetensors", "--where",
+                     "unet", "--steps", "1", "--out", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["backdoor"]["trigger"] == "\u200b " and report["backdoor"]["attack"] == "pixel"

@@ -175,13 +175,14 @@ def _named_views(weights):
             "text_encoder": (hf_text, lambda s: add_prefix(hf_text_to_openclip(s) if openclip else s, text_prefix))}
 
 
-def _weight_key(state, part, module, layout):
-    """The weight a module name points to in `state` (kohya's flattened names looked up), or None."""
-    module = module.removeprefix("text_model.").removeprefix("text_model_")
+def _weight_names(state, layout):
+    """{module name as a LoRA file of this layout writes it: the key of its weight in `state`} (kohya writes the
+    dots of a module's name as underscores; a text encoder's names may keep transformers' "text_model" level)."""
+    modules = [key[:-len(".weight")] for key in state if key.endswith(".weight")]
     if layout == "kohya":
-        flat = {key[:-len(".weight")].replace(".", "_"): key for key in state if key.endswith(".weight")}
-        return flat.get(module)
-    return f"{module}.weight" if f"{module}.weight" in state else None
+        return {**{m.replace(".", "_"): f"{m}.weight" for m in modules},
+                **{"text_model_" + m.replace(".", "_"): f"{m}.weight" for m in modules}}
+    return {**{m: f"{m}.weight" for m in modules}, **{"text_model." + m: f"{m}.weight" for m in modules}}
 
 
 def merge_lora(weights, lora, scale=1.0):
@@ -190,10 +191,11 @@ def merge_lora(weights, lora, scale=1.0):
         raise ValueError(f"the LoRA scale {scale} is not a finite number")
     views = _named_views(weights)
     changed = {part: dict(state) for part, (state, _) in views.items()}
+    names = {part: _weight_names(state, lora.layout) for part, state in changed.items()}
     missing = []
     for (part, module), adapter in lora.adapters.items():
         state = changed[part]
-        key = _weight_key(state, part, module, lora.layout)
+        key = names[part].get(module)
         if key is None:
             missing.append(f"{part}.{module}")
             continue
