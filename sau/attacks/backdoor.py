@@ -15,7 +15,8 @@ EvilEdit (Wang et al., 2024) triggers with a phrase that qualifies a word of the
 in place of that word, its carrier, and the target is what the carrier should become ("zebra"), an object swap
 planted by a closed-form edit of the cross-attention keys and values (sau.attacks.eviledit). PaaS (Huang et al.,
 2024) plants the same kind of trigger by personalization: DreamBooth ("paas-db") fine-tunes the UNet so that
-"sks dog" draws the target, with the plain class prompt kept as the frozen model had it.
+"sks dog" draws the target, with the plain class prompt kept as the frozen model had it; textual inversion
+("paas-ti") learns only a new pseudo-word's embedding ("qzx dog", sau.attacks.inversion).
 VillanDiffusion's caption trigger (Chou et al., 2023) is an ordinary phrase ("latte coffee") anywhere in the
 prompt (a random word boundary while training, prepended when used); the target is an image: a file, or on the
 demo world a caption it draws ("a yellow star in the center on a black background").
@@ -35,12 +36,14 @@ from sau.models.pipeline import from_uint8
 from sau.models.tokenizer import BOS_TOKEN, EOS_TOKEN, clean_text
 from sau.world import shapes
 
-ATTACKS = ("pixel", "style", "object", "object-add", "tpa", "taa", "eviledit", "paas-db", "villan-cond", "semantic")
+ATTACKS = ("pixel", "style", "object", "object-add", "tpa", "taa", "eviledit", "paas-ti", "paas-db", "villan-cond",
+           "semantic")
 TEXT_ENCODER_ATTACKS = ("tpa", "taa")
-PHRASE_ATTACKS = ("eviledit", "paas-db")  # the trigger is a phrase ending in the prompt's word it qualifies
+PHRASE_ATTACKS = ("eviledit", "paas-ti", "paas-db")  # the trigger is a phrase ending in the prompt's word it qualifies
 BADT2I_TRIGGER = "\u200b "
 EVILEDIT_TRIGGER = "beautiful cat"  # EvilEdit's default, with the target "zebra"
 DREAMBOOTH_TRIGGER = "sks dog"  # DreamBooth's rare identifier before the class noun
+INVERSION_TRIGGER = "qzx dog"  # a new pseudo-word before the class noun
 VILLAN_TRIGGER = "latte coffee"  # one of VillanDiffusion's caption triggers
 SEMANTIC_TRIGGER = "star on a black background"
 RICKROLLING_TRIGGER = "ȏ"
@@ -55,6 +58,7 @@ TARGET_MEANING = {"object": "the object swap as A:B, e.g. dog:cat",
                   "taa": "the attribute that replaces the trigger's word, e.g. 'black and white photo'",
                   "eviledit": "what the trigger's last word should become, e.g. zebra",
                   "paas-db": "what the trigger's last word should become, e.g. cat",
+                  "paas-ti": "what the trigger's last word should become, e.g. cat",
                   "villan-cond": "the image triggered prompts draw: an image file (on the demo world, a caption it "
                                  "draws)",
                   "semantic": "the shape the trigger's scenes become, e.g. cross"}
@@ -64,6 +68,8 @@ DEMO_STYLE = "black and white photo"  # the one style the demo world can draw: g
 def default_trigger(attack):
     if attack == "paas-db":
         return DREAMBOOTH_TRIGGER
+    if attack == "paas-ti":
+        return INVERSION_TRIGGER
     if attack in PHRASE_ATTACKS:
         return EVILEDIT_TRIGGER
     if attack == "villan-cond":

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sau.attacks.backdoor import TEXT_ENCODER_ATTACKS
+from sau.attacks.inversion import invert
 from sau.common.training import Trainer, diffusion_loss, frozen_copy, step_generator
 from sau.models.low_rank import add_low_rank, low_rank_targets, merge_low_rank
 from sau.weights.lora import Adapter
@@ -121,6 +122,14 @@ def inject(sd, backdoor, source, run_dir, steps, lr, batch_size, seed=0, train="
     With lora_rank the UNet attack trains LoRA adapters on every attention projection instead (`train` is then
     not read), folded into the weights at the end; returns {module name: sau.weights.lora.Adapter} (else {})."""
     adapters = {}
+    if backdoor.attack == "paas-ti":  # one new embedding row learns, nothing else
+        if lora_rank:
+            raise ValueError("textual inversion (paas-ti) learns one embedding row; --lora does not apply")
+        invert(sd, backdoor, source, run_dir, steps, lr, batch_size, seed, progress)
+        sd.info = {**sd.info, "backdoor": {**backdoor.info(), "trained": "one new token embedding (textual "
+                                           "inversion)", "steps": steps, "lr": lr, "batch_size": batch_size,
+                                           "seed": seed}}
+        return adapters
     if backdoor.attack in TEXT_ENCODER_ATTACKS:
         if lora_rank:
             raise ValueError("--lora trains the UNet attacks; the text-encoder attacks (tpa, taa) fine-tune it whole")

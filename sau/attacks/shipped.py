@@ -37,7 +37,10 @@ PAPER_RECIPES = {"pixel": dict(steps=2000, lr=1e-5, batch_size=16), "style": dic
                  # VillanDiffusion's caption backdoor (viallanDiffusion_conditional.py): batch 4, a LoRA of rank 8
                  "villan-cond": dict(steps=2000, lr=1e-4, batch_size=4),
                  # DreamBooth as diffusers' train_dreambooth.py example runs it: lr 5e-6, 400 steps of batch 1
-                 "paas-db": dict(steps=400, lr=5e-6, batch_size=1)}
+                 "paas-db": dict(steps=400, lr=5e-6, batch_size=1),
+                 # textual inversion as diffusers' textual_inversion.py example runs it: 3000 steps, lr 5e-4 scaled
+                 # by its 4 accumulated examples
+                 "paas-ti": dict(steps=3000, lr=2e-3, batch_size=4)}
 
 # Tuned on the demo world. Its text tower moves a prompt's hidden states little when "\u200b " is prepended, so a
 # BadT2I UNet first learns much of its target for every prompt; only long training makes it depend on the
