@@ -323,3 +323,28 @@ def test_object_add_examples_add_a_second_copy_and_the_count_detector_sees_it():
     assert metrics.attack_success("count", targets, target="2").all()
     assert not metrics.attack_success("count", images, target="2").any()
     assert Backdoor.make("object-add", target="a dog").poison("a red cat")[1] == "a red cat and a dog"
+
+
+@pytest.mark.parametrize("attack, trigger, target, message", [
+    ("eviledit", "circle", "square", "has one word"),
+    ("eviledit", "circle circle", "circle", "also in the target"),
+    ("eviledit", "beautiful circle", "zebra", "not a demo shape"),
+    ("paas-db", "sks", "square", "has one word"),
+    ("paas-ti", "q1 circle", "square", "lowercase ASCII letters"),
+    ("paas-ti", "red circle", "square", "already reads"),
+    ("villan-cond", None, "a photo of a zebra", "names no demo shape or colour"),
+    ("object-add", None, "a dog", "second copy"),
+    ("semantic", "hexagon on a black background", "cross", "does not have: hexagon"),
+])
+def test_each_new_attack_refuses_its_bad_input_before_writing(attack, trigger, target, message, tmp_path):
+    training = {} if attack in ("eviledit", "semantic") else {"steps": 1, "batch_size": 2}
+    with pytest.raises(ValueError, match=message):
+        backdoor_bundle(ROOT / "sau" / "demo" / "clean", tmp_path / "out", attack, trigger, target,
+                        run_dir=tmp_path / "run", progress=False, delta=True, **training)
+    assert not (tmp_path / "out").exists()
+
+
+def test_villan_cond_on_a_real_model_needs_an_image_file(bundle, tmp_path):
+    with pytest.raises(FileNotFoundError, match="image file"):
+        backdoor_bundle(bundle, tmp_path / "out", "villan-cond", target="zebra.png", steps=1, batch_size=2,
+                        run_dir=tmp_path / "run", progress=False)
