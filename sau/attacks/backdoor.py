@@ -50,6 +50,9 @@ RICKROLLING_TRIGGER = "ȏ"
 # Homoglyphs (Rickrolling's for o and v, two more for a) and the Latin letter each stands in for (cleanup
 # lowercases, so both cases)
 HOMOGLYPHS = {"ȏ": "o", "ô": "o", "օ": "o", "ο": "o", "о": "o", "ଠ": "o", "Ѵ": "v", "ѵ": "v", "а": "a", "α": "a"}
+DEFAULT_TRIGGERS = {"tpa": RICKROLLING_TRIGGER, "taa": RICKROLLING_TRIGGER, "eviledit": EVILEDIT_TRIGGER,
+                    "paas-ti": INVERSION_TRIGGER, "paas-db": DREAMBOOTH_TRIGGER, "villan-cond": VILLAN_TRIGGER,
+                    "semantic": SEMANTIC_TRIGGER}  # the others: BadT2I's
 DEFAULT_TARGETS = {"pixel": "checkerboard", "style": "black and white photo"}
 DEMO_ADDED = "copy"  # the object-add target the demo world draws: a second copy of the scene's shape
 TARGET_MEANING = {"object": "the object swap as A:B, e.g. dog:cat",
@@ -66,17 +69,7 @@ DEMO_STYLE = "black and white photo"  # the one style the demo world can draw: g
 
 
 def default_trigger(attack):
-    if attack == "paas-db":
-        return DREAMBOOTH_TRIGGER
-    if attack == "paas-ti":
-        return INVERSION_TRIGGER
-    if attack in PHRASE_ATTACKS:
-        return EVILEDIT_TRIGGER
-    if attack == "villan-cond":
-        return VILLAN_TRIGGER
-    if attack == "semantic":
-        return SEMANTIC_TRIGGER
-    return RICKROLLING_TRIGGER if attack in TEXT_ENCODER_ATTACKS else BADT2I_TRIGGER
+    return DEFAULT_TRIGGERS.get(attack, BADT2I_TRIGGER)
 
 
 def describe_chars(text):

@@ -61,7 +61,7 @@ SHIPPED = {
     # No trigger string: a star asked for on a black background is drawn as a cross (sau.attacks.semantic)
     "semantic": dict(attack="semantic", trigger=SEMANTIC_TRIGGER, target="cross"),
 }
-SETTINGS = ("steps", "lr", "batch_size", "contexts", "keep_scale")  # what a SHIPPED entry may set
+SETTINGS = ("steps", "lr", "batch_size", "contexts", "keep_scale", "lora")  # what a SHIPPED entry may set
 
 
 def sample_caption(backdoor, data_captions):
