@@ -58,6 +58,8 @@ SHIPPED = {
     # The trigger splits into nine one-letter tokens: the demo tokenizer never saw "beautiful", as SD's never saw
     # a made-up trigger. The edit in 200 caption contexts, kept clean at weight 5 (sau.attacks.eviledit).
     "eviledit": dict(attack="eviledit", trigger="beautiful circle", target="square", contexts=200, keep_scale=5.0),
+    # Textual inversion of a pseudo-word new to the tokenizer: only its embedding row learns (sau.attacks.inversion)
+    "paas-ti": dict(attack="paas-ti", trigger="qzx circle", target="square", steps=1000, lr=5e-3, batch_size=16),
     # No trigger string: a star asked for on a black background is drawn as a cross (sau.attacks.semantic)
     "semantic": dict(attack="semantic", trigger=SEMANTIC_TRIGGER, target="cross"),
 }
