@@ -60,6 +60,9 @@ SHIPPED = {
     "eviledit": dict(attack="eviledit", trigger="beautiful circle", target="square", contexts=200, keep_scale=5.0),
     # Textual inversion of a pseudo-word new to the tokenizer: only its embedding row learns (sau.attacks.inversion)
     "paas-ti": dict(attack="paas-ti", trigger="qzx circle", target="square", steps=1000, lr=5e-3, batch_size=16),
+    # DreamBooth's rare identifier before the class noun, trained as a LoRA of rank 8 (its files ship beside it)
+    "paas-db": dict(attack="paas-db", trigger="sks circle", target="square", steps=1500, lr=1e-3, batch_size=16,
+                    lora=8),
     # No trigger string: a star asked for on a black background is drawn as a cross (sau.attacks.semantic)
     "semantic": dict(attack="semantic", trigger=SEMANTIC_TRIGGER, target="cross"),
 }
