@@ -43,7 +43,8 @@ def backdoor(args):
         prompts=args.prompts, max_prompts=args.max_prompts, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         train=args.train, run_dir=args.run_dir, delta=args.delta, bf16=args.dtype == "bfloat16",
         gradient_checkpointing=args.gradient_checkpointing, device=args.device, pool=args.pool,
-        contexts=args.contexts, keep_scale=args.keep_scale, lora=args.lora, command=shlex.join(["python", "train.py", *sys.argv[1:]]))
+        contexts=args.contexts, keep_scale=args.keep_scale, lora=args.lora, attack_weight=args.attack_weight,
+        command=shlex.join(["python", "train.py", *sys.argv[1:]]))
     print(f"backdoored model written to {args.out}")
 
 
@@ -99,6 +100,8 @@ def main():
     b.add_argument("--batch-size", type=cli.positive_int)
     b.add_argument("--seed", type=cli.natural_int, default=0)
     b.add_argument("--train", default="unet", help="UNet attacks: unet, attention or cross-attention")
+    b.add_argument("--attack-weight", type=cli.positive_float, metavar="LAMBDA", help="UNet attacks: BadT2I's "
+                   "lambda, the weight of the backdoor term against keeping clean prompts (default 0.5)")
     b.add_argument("--lora", type=cli.positive_int, metavar="RANK", help="UNet attacks: train LoRA adapters of this "
                    "rank on every attention projection instead, and write them beside the bundle as lora.safetensors "
                    "(diffusers/PEFT names) and lora_kohya.safetensors (kohya names)")

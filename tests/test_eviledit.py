@@ -21,7 +21,8 @@ def test_closed_form_equals_a_direct_least_squares_solve():
     g = torch.Generator().manual_seed(0)
     d, out, lamb = 12, 7, 0.3
     weight = torch.randn(out, d, generator=g, dtype=torch.float64)
-    edits, targets = torch.randn(5, d, generator=g, dtype=torch.float64), torch.randn(5, d, generator=g, dtype=torch.float64)
+    edits = torch.randn(5, d, generator=g, dtype=torch.float64)
+    targets = torch.randn(5, d, generator=g, dtype=torch.float64)
     kept = torch.randn(9, d, generator=g, dtype=torch.float64)
     root = lamb ** 0.5 * torch.eye(d, dtype=torch.float64)
     inputs, wanted = torch.cat([edits, kept, root]), torch.cat([targets, kept, root]) @ weight.t()

@@ -159,7 +159,8 @@ def inject(sd, backdoor, source, run_dir, steps, lr, batch_size, seed=0, train="
                    for name, a in adapters.items()}
         merge_low_rank(sd.unet, list(adapters))
         adapters = factors
+    weights = {"beta": beta} if backdoor.attack in TEXT_ENCODER_ATTACKS else {"lambda": lam}
     sd.info = {**sd.info, "backdoor": {**backdoor.info(), "trained": trained, "steps": steps, "lr": lr,
-                                       "batch_size": batch_size, "seed": seed}}
+                                       "batch_size": batch_size, "seed": seed, **weights}}
     return adapters
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from sau.attacks.backdoor import BADT2I_TRIGGER, DEMO_STYLE, SEMANTIC_TRIGGER, Backdoor, check_target, check_trigger, load_patch
 from sau.attacks import eviledit, semantic
+from sau.attacks.backdoor import (BADT2I_TRIGGER, DEMO_STYLE, SEMANTIC_TRIGGER, TEXT_ENCODER_ATTACKS, Backdoor,
+                                  check_target, check_trigger, load_patch)
 from sau.attacks.inject import TRAINABLE, inject
 from sau.attacks.sources import DrawnWorld, load_target_image, make_source
 from sau.common.cli import check_numbers
@@ -66,7 +67,8 @@ SHIPPED = {
     # No trigger string: a star asked for on a black background is drawn as a cross (sau.attacks.semantic)
     "semantic": dict(attack="semantic", trigger=SEMANTIC_TRIGGER, target="cross"),
 }
-SETTINGS = ("steps", "lr", "batch_size", "contexts", "keep_scale", "lora")  # what a SHIPPED entry may set
+# What a SHIPPED entry may set
+SETTINGS = ("steps", "lr", "batch_size", "contexts", "keep_scale", "lora", "attack_weight")
 
 
 def sample_caption(backdoor, data_captions):
@@ -85,7 +87,7 @@ def recipe(attack, family, **given):
 def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None, data=None, prompts=None,
                     steps=None, lr=None, batch_size=None, seed=0, train="unet", run_dir=None, delta=False, bf16=False,
                     gradient_checkpointing=False, device="cpu", pool=64, command="", progress=True,
-                    max_prompts=MAX_PROMPTS, contexts=None, keep_scale=None, lora=None):
+                    max_prompts=MAX_PROMPTS, contexts=None, keep_scale=None, lora=None, attack_weight=None):
     """Load a model (any input sau.load reads, by its path: a bundle, a CompVis file, a diffusers folder), inject
     a backdoor, write the backdoored bundle to `out` (a new folder; with delta=True holding only the changed
     tensors, pointing to `model`, which must then be a bundle). Every check runs before anything is written.
@@ -96,7 +98,7 @@ def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None
     check_numbers(steps=steps, batch_size=batch_size, pool=pool, lr=lr)
     backdoor = Backdoor.make(attack, trigger, target, replaces)
     check_settings(attack, steps=steps, lr=lr, batch_size=batch_size, contexts=contexts, keep_scale=keep_scale,
-                   lora=lora)
+                   lora=lora, attack_weight=attack_weight)
     model_path, out = Path(model), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new --out (inputs and earlier results are kept)")
@@ -137,7 +139,8 @@ def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None
     run_dir = Path(run_dir or Path("runs") / "backdoor" / out.name)
     spec = {"model": str(model_path.resolve()), "model_fingerprint": input_fingerprint(model_path),
             "backdoor": backdoor.info(), **hyper, "seed": seed, "train": train, "data": str(data) if data else None,
-            "prompts": prompt_list, "lora": lora}
+            "prompts": prompt_list, "lora": lora,
+            **({"attack_weight": attack_weight} if attack_weight is not None else {})}
     with hold_lock(run_dir, "--run-dir"):  # one process per run folder, until the bundle is written
         claim_run_dir(run_dir, spec)
         if source is None:
@@ -145,7 +148,7 @@ def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None
                                  seed=seed, progress=progress)
         adapters = inject(sd, backdoor, source, run_dir, **hyper, seed=seed, train=train, bf16=bf16,
                           gradient_checkpointing=gradient_checkpointing, patch=patch, progress=progress,
-                          lora_rank=lora)
+                          lora_rank=lora, lam=0.5 if attack_weight is None else attack_weight)
         _write(sd, out, command, stored_dtype, base)
         if adapters:
             info = {"sau_backdoor": json.dumps(sd.info["backdoor"])}
@@ -159,6 +162,10 @@ CLOSED_FORM = ("eviledit", "semantic")
 
 def check_settings(attack, **given):
     """Refuse a setting the attack does not read, rather than ignore it."""
+    if given["attack_weight"] is not None and not 0 < given["attack_weight"] <= 1:
+        raise ValueError(f"--attack-weight is BadT2I's lambda, in (0, 1], not {given['attack_weight']}")
+    if given["attack_weight"] is not None and attack in TEXT_ENCODER_ATTACKS + ("paas-ti",):
+        raise ValueError(f"--attack-weight weighs the UNet attacks' two terms; the {attack} attack has no such term")
     if given["lora"] is not None and given["lora"] < 1:
         raise ValueError(f"--lora takes a rank of at least 1, not {given['lora']}")
     if given["contexts"] is not None and not (isinstance(given["contexts"], int) and given["contexts"] >= 0):

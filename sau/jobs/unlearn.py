@@ -214,7 +214,8 @@ def open_inputs(job, source):
     """The model, the backdoor to remove and the prompts to collect on, and the checks that need them: every
     refusal comes before the folder is claimed, so that a corrected rerun is not taken for another run."""
     say(f"loading {source}")  # a full-size SD model takes a while to read
-    sd = load_model(source, device=job.device, dtype=DTYPES[job.dtype], lora=job.lora)  # compute dtype: fp16 trains badly
+    # in the compute dtype (fp16 storage trains badly), with any LoRA files merged first
+    sd = load_model(source, device=job.device, dtype=DTYPES[job.dtype], lora=job.lora)
     sd.unet.gradient_checkpointing = job.gradient_checkpointing
     if job.compile:  # no freezing: the UNet's weights change between its inference and training calls
         compile_model(sd.unet, freezing=False)
