@@ -216,8 +216,10 @@ def test_unlearn_refuses_a_scale_that_is_not_finite_before_loading(tmp_path):
 def test_unlearn_takes_a_backdoor_delivered_as_a_lora(tiny_bundle, lora_attack, tmp_path):
     """The LoRA file records its backdoor: on its base model, unlearn.py needs no --trigger."""
     from conftest import unlearn
+    (tmp_path / "prompts.txt").write_text("\u200b a red circle\n\u200b a blue star\n")
     result = unlearn("--model", tiny_bundle, "--lora", lora_attack.root / "pixel" / "lora.safetensors", "--where",
-                     "unet", "--steps", "1", "--out", tmp_path / "out", cwd=tmp_path)
+                     "unet", "--steps", "1", "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "out",
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["backdoor"]["trigger"] == "\u200b " and report["backdoor"]["attack"] == "pixel"
