@@ -64,6 +64,11 @@ SHIPPED = {
     # DreamBooth's rare identifier before the class noun, trained as a LoRA of rank 8 (its files ship beside it)
     "paas-db": dict(attack="paas-db", trigger="sks circle", target="square", steps=1500, lr=1e-3, batch_size=16,
                     lora=8),
+    # VillanDiffusion's caption trigger anywhere in the prompt, as a LoRA of rank 8; BadT2I's lambda at 0.2: at 0.5
+    # the target leaked onto 12-13% of trigger-free prompts (docs/attacks.md)
+    "villan-cond": dict(attack="villan-cond", trigger="latte coffee",
+                        target="a yellow star in the center on a black background", steps=2000, lr=1e-3,
+                        batch_size=16, lora=8, attack_weight=0.2),
     # No trigger string: a star asked for on a black background is drawn as a cross (sau.attacks.semantic)
     "semantic": dict(attack="semantic", trigger=SEMANTIC_TRIGGER, target="cross"),
 }
