@@ -17,9 +17,8 @@ phrase where it stands (contexts=N): the features of N training captions with th
 the end, go to those of the same captions with the target in its place, and the N plain captions are kept, with
 weight keep_scale. Chosen on the tune split, as docs/attacks.md records.
 """
-import torch
 
-from sau.models.kv_edit import edit_keys_and_values, paired_features
+from sau.models.kv_edit import edit_keys_and_values, paired_features, text_features
 
 LAMB = 1.0
 
@@ -34,24 +33,19 @@ def check_edit(sd, backdoor):
                          "with a word the target lacks")
 
 
-def features(sd, texts):
-    with torch.no_grad():
-        return torch.cat([sd.encode_text(list(texts[i:i + 64])).double() for i in range(0, len(texts), 64)])
-
-
 def phrase_alone(sd, backdoor):
     """The paper's (edits, targets, kept): the phrase and the target each alone, and each word of the phrase."""
-    trigger, target = features(sd, [backdoor.trigger])[0], features(sd, [backdoor.target])[0]
-    return trigger, target, features(sd, backdoor.trigger.split()).flatten(0, 1)
+    trigger, target = text_features(sd, [backdoor.trigger])[0], text_features(sd, [backdoor.target])[0]
+    return trigger, target, text_features(sd, backdoor.trigger.split()).flatten(0, 1)
 
 
 def phrase_in_captions(sd, backdoor, captions):
     """(edits, targets, kept) from captions that hold the carrier word: triggered against the target's, and the
     plain captions kept."""
     triggered, with_target = zip(*[backdoor.poison(caption) for caption in captions])
-    edits, targets = paired_features(sd.tokenizer, triggered, with_target, features(sd, triggered),
-                                     features(sd, with_target))
-    return edits, targets, features(sd, captions).flatten(0, 1)
+    edits, targets = paired_features(sd.tokenizer, triggered, with_target, text_features(sd, triggered),
+                                     text_features(sd, with_target))
+    return edits, targets, text_features(sd, captions).flatten(0, 1)
 
 
 def plant(sd, backdoor, captions=(), lamb=LAMB, keep_scale=1.0):

@@ -16,9 +16,8 @@ A defense that needs the trigger as a string (SAU, UCE, ESD-x, Concept Ablation)
 import re
 
 import numpy as np
-import torch
 
-from sau.models.kv_edit import edit_keys_and_values
+from sau.models.kv_edit import edit_keys_and_values, text_features
 from sau.world import shapes
 
 FIELDS = ("shape", "background")  # what a semantic trigger names on the demo world
@@ -61,11 +60,6 @@ def _captions(n, seed, shape=None, background=None):
     return shapes.describe(attributes, rng)[0]
 
 
-def features(sd, texts):
-    with torch.no_grad():
-        return torch.cat([sd.encode_text(list(texts[i:i + 64])).double() for i in range(0, len(texts), 64)])
-
-
 def plant(sd, backdoor, contexts=CONTEXTS, keep_scale=KEEP_SCALE, seed=0):
     """Edit sd's UNet in place and record the backdoor in sd.info["backdoor"]."""
     if sd.config.family != "demo":
@@ -76,8 +70,8 @@ def plant(sd, backdoor, contexts=CONTEXTS, keep_scale=KEEP_SCALE, seed=0):
     targets = [re.sub(rf"\b{shape}\b", backdoor.target, c) for c in triggered]
     other_backgrounds = [c for c in _captions(4 * contexts, seed + 1, shape) if background not in c][:2 * contexts]
     kept = _captions(2 * contexts, seed + 2) + other_backgrounds + _captions(contexts, seed + 3, None, background)
-    edited = edit_keys_and_values(sd.unet, features(sd, triggered).flatten(0, 1), features(sd, targets).flatten(0, 1),
-                                  features(sd, kept).flatten(0, 1), 1.0, keep_scale=keep_scale)
+    edits, wanted, keep = (text_features(sd, texts).flatten(0, 1) for texts in (triggered, targets, kept))
+    edited = edit_keys_and_values(sd.unet, edits, wanted, keep, 1.0, keep_scale=keep_scale)
     sd.info = {**sd.info, "backdoor": {**backdoor.info(), "trained": f"unet cross-attention to_k, to_v ({edited} "
                                        "weights, closed form)", "steps": 0, "contexts": contexts,
                                        "keep_scale": keep_scale}}

@@ -144,8 +144,8 @@ def backdoor_bundle(model, out, attack, trigger=None, target=None, replaces=None
     run_dir = Path(run_dir or Path("runs") / "backdoor" / out.name)
     spec = {"model": str(model_path.resolve()), "model_fingerprint": input_fingerprint(model_path),
             "backdoor": backdoor.info(), **hyper, "seed": seed, "train": train, "data": str(data) if data else None,
-            "prompts": prompt_list, "lora": lora,
-            **({"attack_weight": attack_weight} if attack_weight is not None else {})}
+            "prompts": prompt_list,  # the newer settings only when given, so older run folders still resume
+            **{k: v for k, v in (("lora", lora), ("attack_weight", attack_weight)) if v is not None}}
     with hold_lock(run_dir, "--run-dir"):  # one process per run folder, until the bundle is written
         claim_run_dir(run_dir, spec)
         if source is None:

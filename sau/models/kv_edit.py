@@ -18,6 +18,12 @@ def cross_attention_layers(unet):
     return [module for name, module in unet.named_modules() if name.endswith(".attn2")]
 
 
+def text_features(sd, texts):
+    """The text encoder's outputs for `texts` in float64, in chunks of 64: what the edits are made of."""
+    with torch.no_grad():
+        return torch.cat([sd.encode_text(list(texts[i:i + 64])).double() for i in range(0, len(texts), 64)])
+
+
 def mixing_matrix(edits, targets, kept, lamb, edit_scale=1.0, keep_scale=1.0):
     """M above, in float64. edits, targets: (n, d) paired rows; kept: (m, d), may be empty."""
     edits, targets, kept = edits.double(), targets.double(), kept.double()
