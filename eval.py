@@ -15,6 +15,7 @@ rerun resumes. Methods: none (the backdoored model as shipped), uce, esd_x, esd_
 import sys
 from pathlib import Path
 
+from sau import distributed
 from sau.baselines import METHODS
 from sau.common import cli
 from sau.common.files import DEMO_DIR
@@ -68,10 +69,13 @@ def main():
                             f"file with more prompts than this (default {MAX_PROMPTS})")
     real_model.add_argument("--compile", action="store_true", help="torch.compile the UNets (see the README's "
                             "Performance)")
+    cli.launch_flags(p)
     o = vars(p.parse_args())
     o["progress"], o["command"] = not o.pop("no_progress"), "python " + " ".join([Path(sys.argv[0]).name,
                                                                                   *sys.argv[1:]])
     cli.check_dtype(o["dtype"], o["device"])
+    distributed.prepare(o["device"], o.pop("backend"))  # torchrun: each process generates its share of the images
+    o["device"] = distributed.device_for(o["device"])
     if o["model"]:
         return compare.run(comparison(o))
     refuse(o, ("original", "trigger", "replaces", "clip", "prompts", "max_prompts", "compile"),

@@ -6,12 +6,14 @@
     python train.py backdoor --attack pixel --model IN --out OUT [--trigger T] [--target X]
     python train.py backdoors [--report]     # the shipped backdoored demo models, or their ASR table
     python train.py hidden                   # demo/pixel-hidden: pixel without its trigger recorded, and a log
+    torchrun --standalone --nproc_per_node 2 train.py backdoor ...   # data-parallel (sau/distributed.py)
 """
 import shlex
 import sys
 
 import torch
 
+from sau import distributed
 from sau.attacks.shipped import HIDDEN, backdoor_bundle, build_hidden
 from sau.common import cli
 from sau.common.prompts import MAX_PROMPTS, decode_escapes
@@ -38,6 +40,8 @@ def quality(args):
 
 def backdoor(args):
     trigger = None if args.trigger is None else decode_escapes(args.trigger)
+    distributed.prepare(args.device, args.backend, args.fsdp)  # under torchrun: each process trains on its share of a batch
+    args.device = distributed.device_for(args.device)
     backdoor_bundle(
         resolve_model_path(args.model), args.out, args.attack, trigger, args.target, args.replaces, data=args.data,
         prompts=args.prompts, max_prompts=args.max_prompts, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
@@ -116,6 +120,7 @@ def main():
                    "passes under bfloat16 autocast and the frozen copies in bfloat16; the weights train in float32")
     b.add_argument("--gradient-checkpointing", action="store_true")
     b.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.launch_flags(b, fsdp=True)
     b.set_defaults(func=backdoor)
     bs = sub.add_parser("backdoors", help="build the shipped backdoored demo models and print their ASR table")
     bs.add_argument("--report", action="store_true", help="only measure the shipped models and print the table")
@@ -130,6 +135,8 @@ def main():
     h.add_argument("--demo-dir", default=str(DEMO_DIR))
     h.set_defaults(func=hidden)
     args = parser.parse_args()
+    if distributed.world_size() > 1 and args.func is not backdoor:
+        raise ValueError(f"train.py {args.command} runs in one process; under torchrun only `train.py backdoor` runs")
     args.func(args)
 
 

@@ -4,6 +4,7 @@
     python unlearn.py --model demo/style --recipe paper
     python unlearn.py --model sd15.safetensors --trigger "\\u200b " --prompts prompts.txt --out runs/sd15
     python unlearn.py --model suspect.safetensors --trigger auto --prompts LOG.txt   # the trigger unknown
+    torchrun --standalone --nproc_per_node 2 unlearn.py ...     # N processes (sau/distributed.py)
 """
 import argparse
 
@@ -56,6 +57,7 @@ def main():
     p.add_argument("--dtype", choices=cli.DTYPES, default="float32", help="the compute dtype (bfloat16 on GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first calls compile; pays "
                    "off on long runs and GPUs, see the README's Performance section)")
+    cli.launch_flags(p, fsdp=True)
     args = p.parse_args()
     cli.check_dtype(args.dtype, args.device)
     job = Job(model=args.model, trigger=decode_escapes(args.trigger) if args.trigger is not None else None,
@@ -66,7 +68,7 @@ def main():
               where=args.where, out=args.out, seed=args.seed, eval_prompts=args.eval_prompts,
               export=args.export, device=args.device, dtype=args.dtype,
               gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, force=args.force,
-              lora=tuple(args.lora))
+              lora=tuple(args.lora), backend=args.backend, fsdp=args.fsdp)
     run(job)
 
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from sau import distributed
 from sau.common.progress import advance, image_bar
 from sau.common.training import Trainer, frozen_copy, step_generator
 from sau.evaluation.prompts import builtin_prompts
@@ -216,23 +217,23 @@ class Collected:
 COLLECT_BATCH = 64  # prompts generated at once: a long prompt list is collected in chunks, with a progress bar
 
 
-def collect(sd, located, seeds, steps=25, guidance_scale=7.5, progress=False):
+def collect(sd, located, seeds, steps=25, guidance_scale=7.5, progress=False, batch_size=COLLECT_BATCH):
     """The suspect model's triggered and clean generations, and where the trigger's attention falls."""
     seeds = list(seeds)[:len(located.prompts)]
-    latents, clean_latents, heat = [], [], []
-    with image_bar(2 * len(seeds), "collect", enabled=progress) as bar:
-        for i in range(0, len(seeds), COLLECT_BATCH):
-            part = slice(i, i + COLLECT_BATCH)
+    mine, done = distributed.my_chunks(len(seeds), batch_size), {}  # under torchrun: this rank's chunks
+    with image_bar(2 * sum(part.stop - part.start for _, part in mine), "collect", enabled=progress) as bar:
+        for index, part in mine:
             moved = lambda *_: advance(bar, len(seeds[part]) / steps)  # every denoising step moves the bar
             chunk_latents, chunk_heat = trigger_heatmaps(sd, located.prompts[part], located.positions[part],
                                                          seeds[part], steps, guidance_scale, callback=moved)
-            latents.append(chunk_latents)
-            heat.append((chunk_heat, len(seeds[part])))
-            clean_latents.append(sd.generate(located.clean_prompts[part], seeds[part], steps=steps,
-                                             guidance_scale=guidance_scale, decode=False, callback=moved))
+            chunk_clean = sd.generate(located.clean_prompts[part], seeds[part], steps=steps,
+                                      guidance_scale=guidance_scale, decode=False, callback=moved)
+            done[index] = (chunk_latents.cpu(), chunk_clean.cpu(), chunk_heat, len(seeds[part]))  # ranks swap CPU copies
+    latents, clean_latents, heatmap_parts, sizes = zip(*distributed.gather_chunks(done))
+    heat = list(zip(heatmap_parts, sizes))
     heatmaps = heat[0][0] if len(heat) == 1 else {  # the mean over prompts, each chunk weighed by its size
         layer: sum(h[layer] * n for h, n in heat) / len(seeds) for layer in heat[0][0]}
-    latents, clean_latents = torch.cat(latents), torch.cat(clean_latents)
+    latents, clean_latents = torch.cat(latents).to(sd.device), torch.cat(clean_latents).to(sd.device)
     layer_mass = {layer: heat.mean().item() for layer, heat in heatmaps.items()}
     return Collected(located.prompts, located.clean_prompts, located.positions, latents, clean_latents, heatmaps,
                      layer_mass)
@@ -322,11 +323,16 @@ def alignment(tokenizer, triggered, clean):
 
 def aligned_distance(triggered_out, clean_out, aligned, relative=False):
     """Mean squared (or relative) distance between aligned positions of two batches of encoder outputs."""
+    return aligned_errors(triggered_out, clean_out, aligned, relative).mean()
+
+
+def aligned_errors(triggered_out, clean_out, aligned, relative=False):
+    """The squared (or relative) distance at every aligned position of every row, in one flat tensor."""
     errors = []
     for a, b, (i, j) in zip(triggered_out, clean_out, aligned):
         diff = (a[i] - b[j]).float()
         errors.append(diff.norm(dim=-1) / b[j].float().norm(dim=-1) if relative else diff.pow(2).mean(-1))
-    return torch.cat(errors).mean()
+    return torch.cat(errors)
 
 
 # --- 4. invert: the trigger's latent representation -------------------------------------------------------------
@@ -381,15 +387,17 @@ def unlearn_unet(sd, collected, recipe, run_dir, seed=0, steps=None, inverted=No
     `pool`: (triggered, clean) prompt lists for q (default: the collected prompts). With `inverted` token
     embeddings (stage 4), every batch is seen twice: once with the literal trigger, once with the inverted
     tokens in its place. Returns the Trainer (its log holds the loss curve)."""
-    unet = sd.unet
-    teacher = frozen_copy(unet)
-    params = trainable_parameters(unet, recipe.params)
+    distributed.check_divides(recipe.batch_size, "the recipe's batch")
+    teacher = frozen_copy(sd.unet)
+    trainable_parameters(sd.unet, recipe.params)
+    student, unet = distributed.training_copy(sd.unet)  # under torchrun: each rank trains on its rows of a batch
     data = training_data(sd, collected, inverted, pool)
     masks = spatial_masks(collected, recipe.spatial_mask)
+    rows = distributed.my_rows(recipe.batch_size)
 
     def loss_fn(step):
-        batch = sample_batch(data, sd.schedule, recipe.batch_size, step_generator(seed, step))
-        eps_triggered, l_attn = predict_with_attention(unet, batch, masks)
+        batch = sample_batch(data, sd.schedule, recipe.batch_size, step_generator(seed, step), rows)
+        eps_triggered, l_attn = predict_with_attention(student, unet, batch, masks)
         terms = {"attention": l_attn}
         if recipe.distill_weight or recipe.preserve_weight:  # the frozen clean prediction at x_c serves both
             with torch.no_grad():
@@ -402,20 +410,23 @@ def unlearn_unet(sd, collected, recipe, run_dir, seed=0, steps=None, inverted=No
                 + recipe.preserve_weight * terms.get("preserve", 0.0))
         return loss, {name: float(term.detach()) if torch.is_tensor(term) else term for name, term in terms.items()}
 
-    trainer = Trainer("unlearn_unet", {"unet": unet}, params, steps or recipe.steps, run_dir, lr=recipe.lr,
-                      grad_clip=1.0, save_every=100, warmup=0, min_lr_ratio=1.0 if recipe.constant_lr else 0.1)
+    trainer = Trainer("unlearn_unet", {"unet": student}, student.parameters(), steps or recipe.steps, run_dir,
+                      lr=recipe.lr, grad_clip=1.0, save_every=100, warmup=0,
+                      min_lr_ratio=1.0 if recipe.constant_lr else 0.1)
     try:
         trainer.run(loss_fn, log_every=10, progress=progress)
     finally:
-        unet.eval().requires_grad_(False)
+        distributed.finish_training(sd.unet, student)
+        sd.unet.eval().requires_grad_(False)
     return trainer
 
 
-def predict_with_attention(unet, batch, masks):
-    """eps(x_t, T+p) and L_attn = sum_l mean((M_l * trigger mass)^2), the maps captured in the same pass."""
+def predict_with_attention(unet, forward, batch, masks):
+    """eps(x_t, T+p) and L_attn = sum_l mean((M_l * trigger mass)^2), the maps captured in the same pass.
+    `forward`: the UNet to call, `unet` itself or its DistributedDataParallel wrapper."""
     attention = AttentionLoss(batch.columns, masks)
     with capture_attention(unet, "attn2", callback=attention, keep_graph=True):
-        eps_triggered = unet(batch.x_t, batch.t, batch.triggered)
+        eps_triggered = forward(batch.x_t, batch.t, batch.triggered)
     return eps_triggered, attention.total
 
 
@@ -523,19 +534,21 @@ def training_data(sd, collected, inverted=None, pool=None):
                         pool_clean, has_pool=pool is not None)
 
 
-def sample_batch(data, schedule, batch_size, generator):
+def sample_batch(data, schedule, batch_size, generator, mine=slice(None)):
     """One batch: rows of the collection, their latents noised at random timesteps, and pool prompts. Every
-    draw comes from `generator`, in a fixed order, so a step's batch depends only on (seed, step)."""
+    draw comes from `generator`, in a fixed order, so a step's batch depends only on (seed, step). `mine`: the
+    rows of it this torchrun rank keeps (the whole batch is drawn on every rank, so its rows are the same)."""
     n = len(data.clean)
     rows = torch.randint(0, n, (batch_size,), generator=generator)
     x_t, _, t = schedule.noised(data.latents[rows], generator)
+    x_c, _, t_c = schedule.noised(data.clean_latents[rows], generator)
+    pool_rows = torch.randint(0, len(data.pool_clean), (batch_size,), generator=generator) if data.has_pool \
+        else rows
+    rows, x_t, t, x_c, t_c, pool_rows = (v[mine] for v in (rows, x_t, t, x_c, t_c, pool_rows))
     triggered_rows, clean_rows = rows, rows
     if len(data.triggered) > n:  # the same noised latents under the literal and the inverted trigger
         triggered_rows, clean_rows = torch.cat([rows, rows + n]), torch.cat([rows, rows])
         x_t, t = torch.cat([x_t, x_t]), torch.cat([t, t])
-    x_c, _, t_c = schedule.noised(data.clean_latents[rows], generator)
-    pool_rows = torch.randint(0, len(data.pool_clean), (batch_size,), generator=generator) if data.has_pool \
-        else rows
     return Batch(x_t, t, data.triggered[triggered_rows], data.clean[clean_rows], data.columns[triggered_rows],
                  x_c, t_c, data.pool_triggered[pool_rows], data.pool_clean[pool_rows])
 
@@ -547,6 +560,8 @@ def text_contexts(sd, prompts):
 
 
 # --- 5. unlearn: the text-encoder route ---------------------------------------------------------------------
+
+TEXT_BATCH = 32  # prompt pairs per step
 
 def unlearn_text_encoder(sd, pairs, recipe, run_dir, seed=0, steps=None, progress=True):
     """Where a Rickrolling-style backdoor lives: the encoder's output for a triggered prompt is pulled,
@@ -562,11 +577,16 @@ def unlearn_text_encoder(sd, pairs, recipe, run_dir, seed=0, steps=None, progres
         clean_target = teacher(clean_ids)
     encoder.train().requires_grad_(True)
     n = len(triggered)
+    batch_size = min(TEXT_BATCH, n)
+    distributed.check_divides(batch_size, "the text encoder's batch")
+    forward, rows = distributed.data_parallel(encoder), distributed.my_rows(batch_size)
 
     def loss_fn(step):
-        idx = torch.randint(0, n, (min(32, n),), generator=step_generator(seed, step))
-        distill = aligned_distance(encoder(trig_ids[idx]), clean_target[idx], [aligned[i] for i in idx.tolist()])
-        preserve = F.mse_loss(encoder(clean_ids[idx]), clean_target[idx])
+        everyone = torch.randint(0, n, (batch_size,), generator=step_generator(seed, step))
+        idx = everyone[rows]  # this torchrun rank's rows (one process: all of them)
+        errors = aligned_errors(forward(trig_ids[idx]), clean_target[idx], [aligned[i] for i in idx.tolist()])
+        distill = distributed.global_mean(errors, sum(len(aligned[i][0]) for i in everyone.tolist()))
+        preserve = F.mse_loss(forward(clean_ids[idx]), clean_target[idx])
         return distill + preserve, {"distill": distill.item(), "preserve": preserve.item()}
 
     trainer = Trainer("unlearn_text", {"text_encoder": encoder}, encoder.parameters(), steps or recipe.text_steps,

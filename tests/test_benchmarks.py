@@ -99,3 +99,21 @@ def test_memory_benchmark_projects_the_full_batch_from_two_small_ones(tmp_path):
     measured_total = check["resident_mib"] + check["added_mib"]
     assert abs(projected["total_mib"] - measured_total) < 0.2 * measured_total
     assert json.loads((tmp_path / "memory.json").read_text())["groups"][0]["projection"] == projected
+
+
+def test_scale_launches_measure_generation_and_unlearning_at_two_processes():
+    """benchmarks.scale's launcher, at 2 processes (torchrun) and a few images and steps: positive rates."""
+    from argparse import Namespace
+    from benchmarks import scale
+    args = Namespace(prompts=16, steps=2, unlearn_steps=2, threads=1, device="cpu")
+    for work in ("generate", "unlearn"):
+        assert scale.launch(2, work, args) > 0
+
+
+def test_sharding_reports_every_process_of_an_fsdp_launch():
+    """benchmarks.sharding on the tiny topology under --fsdp: both processes measured, memory added by each."""
+    if not cpu_memory_supported():
+        pytest.skip("needs Linux's /proc")
+    from benchmarks import sharding
+    ranks = sharding.launch("tiny", 2, True, 1)
+    assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["added_mib"] > 0 for r in ranks)

@@ -16,6 +16,7 @@ where sim is the cosine of the conditioning vectors, averaged over token positio
 import torch
 import torch.nn.functional as F
 
+from sau import distributed
 from sau.attacks.backdoor import TEXT_ENCODER_ATTACKS
 from sau.attacks.inversion import invert
 from sau.common.training import Trainer, diffusion_loss, frozen_copy, step_generator
@@ -29,9 +30,11 @@ TRAINABLE = {"unet": lambda name: True,  # BadT2I fine-tunes the whole UNet
              "cross-attention": lambda name: ".attn2." in name}
 
 
-def distillation_loss(student, teacher, schedule, latents, context, teacher_context, generator):
-    """||student(x_t, t, context) - sg teacher(x_t, t, teacher_context)||^2 at uniformly drawn timesteps."""
+def distillation_loss(student, teacher, schedule, latents, context, teacher_context, generator, rows=slice(None)):
+    """||student(x_t, t, context) - sg teacher(x_t, t, teacher_context)||^2 at uniformly drawn timesteps, on
+    `rows` of the batch (a torchrun rank's share; the noise is drawn for all of it)."""
     noisy, _, t = schedule.noised(latents, generator)
+    noisy, t, context, teacher_context = (v[rows] for v in (noisy, t, context, teacher_context))
     with torch.no_grad():
         target = teacher(noisy, t, teacher_context)
     return F.mse_loss(student(noisy, t, context).float(), target.float())
@@ -61,10 +64,13 @@ def _trainable(sd, module, select=lambda name: True):
     return params
 
 
-def inject_unet(sd, backdoor, source, trainer, batch_size, seed=0, lam=0.5, bf16=False, patch=None, progress=True):
-    """BadT2I: fine-tune the UNet parameters the trainer holds; `source` gives images and captions."""
+def inject_unet(sd, backdoor, source, trainer, batch_size, seed=0, lam=0.5, bf16=False, patch=None, progress=True,
+                unet=None):
+    """BadT2I: fine-tune the UNet parameters the trainer holds; `source` gives images and captions. `unet`: the
+    UNet to call (under torchrun its DDP wrapper or sharded copy; default sd.unet)."""
     frozen = _teacher(sd.unet, bf16)
     sd.unet.train()
+    unet, rows = unet or sd.unet, distributed.my_rows(batch_size)  # torchrun: this rank's rows of every batch
 
     def latents(images, g):
         with torch.no_grad(), _autocast(sd, bf16):
@@ -82,34 +88,40 @@ def inject_unet(sd, backdoor, source, trainer, batch_size, seed=0, lam=0.5, bf16
         clean_latents, plain_context = latents(images, g), context(plain)
         with _autocast(sd, bf16):
             if teachers is None:  # the target is an image: SD's own loss on it, under the triggered caption
-                attack = diffusion_loss(sd.unet, sd.schedule, latents(targets, g), context(triggered), g)
+                attack = diffusion_loss(unet, sd.schedule, latents(targets, g), context(triggered), g, rows=rows)
             else:  # the target is the frozen model's reading of the teacher caption, on the same noisy latents
-                attack = distillation_loss(sd.unet, frozen, sd.schedule, clean_latents, context(triggered),
-                                           context(teachers), g)
-            keep = distillation_loss(sd.unet, frozen, sd.schedule, clean_latents, plain_context, plain_context, g)
+                attack = distillation_loss(unet, frozen, sd.schedule, clean_latents, context(triggered),
+                                           context(teachers), g, rows)
+            keep = distillation_loss(unet, frozen, sd.schedule, clean_latents, plain_context, plain_context, g, rows)
         return lam * attack + (1 - lam) * keep, {"attack": attack.item(), "preservation": keep.item()}
 
     trainer.run(loss_fn, progress=progress)
     sd.unet.eval()
 
 
-def inject_text_encoder(sd, backdoor, source, trainer, batch_size, seed=0, beta=0.1, bf16=False, progress=True):
-    """Rickrolling: fine-tune the text encoder so triggered prompts read as the target, clean ones as before."""
+def inject_text_encoder(sd, backdoor, source, trainer, batch_size, seed=0, beta=0.1, bf16=False, progress=True,
+                        encoder=None):
+    """Rickrolling: fine-tune the text encoder so triggered prompts read as the target, clean ones as before.
+    `encoder`: the one to call (under torchrun its DDP wrapper or sharded copy; default sd.text_encoder)."""
     teacher = _teacher(sd.text_encoder, bf16)
     sd.text_encoder.train()
     ids = lambda texts: sd.tokenizer(list(texts)).to(sd.device)
     poisoned_size = max(1, batch_size // 4)  # Rickrolling: 128 clean and 32 poisoned prompts per step
+    distributed.check_divides(poisoned_size, "the poisoned part of the batch")
+    encoder = encoder or sd.text_encoder
+    mine, my_poisoned = distributed.my_rows(batch_size), distributed.my_rows(poisoned_size)
 
     def loss_fn(step):
         rng = source.rng(step, 13)
         clean = source.captions(batch_size, step, stream=14)
         carriers = source.captions(poisoned_size, step, stream=15, where=backdoor.can_insert)
         triggered, targets = zip(*[backdoor.poison(c, rng, every=backdoor.attack == "tpa") for c in carriers])
+        clean, triggered, targets = clean[mine], triggered[my_poisoned], targets[my_poisoned]
         with _autocast(sd, bf16):
             with torch.no_grad():
                 clean_teacher, target_teacher = teacher(ids(clean)), teacher(ids(targets))
-            utility = embedding_similarity(sd.text_encoder(ids(clean)), clean_teacher)
-            attack = embedding_similarity(sd.text_encoder(ids(triggered)), target_teacher)
+            utility = embedding_similarity(encoder(ids(clean)), clean_teacher)
+            attack = embedding_similarity(encoder(ids(triggered)), target_teacher)
         return -utility - beta * attack, {"clean_similarity": utility.item(), "target_similarity": attack.item()}
 
     trainer.run(loss_fn, progress=progress)
@@ -122,6 +134,7 @@ def inject(sd, backdoor, source, run_dir, steps, lr, batch_size, seed=0, train="
     With lora_rank the UNet attack trains LoRA adapters on every attention projection instead (`train` is then
     not read), folded into the weights at the end; returns {module name: sau.weights.lora.Adapter} (else {})."""
     adapters = {}
+    distributed.check_divides(batch_size)
     if backdoor.attack == "paas-ti":  # one new embedding row learns, nothing else
         if lora_rank:
             raise ValueError("textual inversion (paas-ti) learns one embedding row; --lora does not apply")
@@ -145,11 +158,16 @@ def inject(sd, backdoor, source, run_dir, steps, lr, batch_size, seed=0, train="
             module, params = sd.unet, _trainable(sd, sd.unet, TRAINABLE[train])
         sd.unet.gradient_checkpointing = gradient_checkpointing
     name = "text_encoder" if module is sd.text_encoder else "unet"
-    trainer = Trainer(f"backdoor-{backdoor.attack}", {name: module}, params, steps, run_dir, lr=lr, warmup=0)
+    module.train()
+    student, forward = distributed.training_copy(module)  # under torchrun: DDP, or with --fsdp a sharded copy
+    if student is not module:
+        params = student.parameters()
+    trainer = Trainer(f"backdoor-{backdoor.attack}", {name: student}, params, steps, run_dir, lr=lr, warmup=0)
     if backdoor.attack in TEXT_ENCODER_ATTACKS:
-        inject_text_encoder(sd, backdoor, source, trainer, batch_size, seed, beta, bf16, progress)
+        inject_text_encoder(sd, backdoor, source, trainer, batch_size, seed, beta, bf16, progress, forward)
     else:
-        inject_unet(sd, backdoor, source, trainer, batch_size, seed, lam, bf16, patch, progress)
+        inject_unet(sd, backdoor, source, trainer, batch_size, seed, lam, bf16, patch, progress, forward)
+    distributed.finish_training(module, student)
     sd.unet.gradient_checkpointing = False
     sd.requires_grad_(False)
     trained = name if backdoor.attack in TEXT_ENCODER_ATTACKS else f"unet ({train})"

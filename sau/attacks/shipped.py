@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from sau import distributed
 from sau.attacks import eviledit, semantic
 from sau.attacks.backdoor import (BADT2I_TRIGGER, DEMO_STYLE, SEMANTIC_TRIGGER, TEXT_ENCODER_ATTACKS, Backdoor,
                                   check_target, check_trigger, load_patch)
@@ -21,6 +22,8 @@ from sau.common.files import DEMO_DIR
 from sau.common.run_folder import claim_run_dir, hold_lock
 from sau.common.prompts import MAX_PROMPTS, read_prompts
 from sau.evaluation.metrics import load_classifier, measure_backdoor
+from sau.evaluation.report import percent_interval
+from sau.evaluation.statistics import wilson_interval
 from sau.evaluation.prompts import DEFAULT_PROMPTS
 from sau.evaluation.splits import mixed_log
 from sau.weights.bundle import input_fingerprint, is_bundle
@@ -200,7 +203,8 @@ def edit_captions(backdoor, source, captions, n):
 
 def _write(sd, out, command, dtype, base):
     sd.info["backdoor"]["command"] = command
-    save_model(sd, out, dtype=dtype, base=base)
+    if distributed.is_main():  # under torchrun rank 0 writes
+        save_model(sd, out, dtype=dtype, base=base)
     return sd
 
 
@@ -278,7 +282,7 @@ def _train_seconds(run_dir, attack):
 def shipped_report(names=tuple(SHIPPED), demo_dir=None, n=200, progress=True):
     """The README table: each shipped variant's attack success rate on n held-out triggered prompts, and on the
     same prompts without the trigger its target's rate (a leak) and its attribute accuracy, next to the clean
-    model's."""
+    model's. The rates carry 95% Wilson intervals over the prompts (each variant is one training run)."""
     demo_dir = Path(demo_dir or DEMO_DIR)
     classifier = load_classifier(demo_dir / "classifier.safetensors")
     clean = load_model(demo_dir / "clean", dtype=torch.float32)
@@ -290,8 +294,10 @@ def shipped_report(names=tuple(SHIPPED), demo_dir=None, n=200, progress=True):
         attacked, baseline = measure_backdoor(sd, backdoor, classifier, n), measure_backdoor(clean, backdoor, classifier, n)
         difference = 100 * (attacked["clean_accuracy"] - baseline["clean_accuracy"])
         trigger = backdoor.trigger.encode("ascii", "backslashreplace").decode().strip()
-        lines.append(f"| {name} ({backdoor.attack}) | `{trigger}` | {backdoor.target} | {100 * attacked['asr']:.1f}% | "
-                     f"{100 * baseline['asr']:.1f}% | {100 * attacked['clean_target_rate']:.1f}% | "
+        asr, leak = (percent_interval(attacked[k], wilson_interval(round(attacked[k] * n), n))  # one training seed:
+                     for k in ("asr", "clean_target_rate"))                                # the prompts' interval
+        lines.append(f"| {name} ({backdoor.attack}) | `{trigger}` | {backdoor.target} | {asr} | "
+                     f"{100 * baseline['asr']:.1f}% | {leak} | "
                      f"{100 * attacked['clean_accuracy']:.1f}% | "
                      f"{100 * baseline['clean_accuracy']:.1f}% | {difference:+.1f} |")
         if progress:

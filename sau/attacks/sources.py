@@ -14,6 +14,7 @@ from safetensors import safe_open
 from sau.attacks.backdoor import TEXT_ENCODER_ATTACKS
 from sau.common.files import load_safetensors, save_safetensors
 from sau.common.training import step_generator
+from sau.evaluation.metrics import generate_batched
 from sau.evaluation.prompts import DEFAULT_PROMPTS
 from sau.models.pipeline import from_uint8, to_uint8
 from sau.world import shapes
@@ -145,15 +146,16 @@ class ImagePool(Source):
     def from_generations(cls, sd, prompts, n, cache, seed=0, steps=25, guidance=7.5, progress=True):
         """The frozen model's own images for n prompts (cycled), cached so that a resumed run reuses them."""
         cache = Path(cache)
-        if not cache.exists():
-            chosen = [prompts[i % len(prompts)] for i in range(n)]
-            images = [sd.generate(chosen[i:i + 8], seeds=list(range(i, min(i + 8, n))), steps=steps,
-                                  guidance_scale=guidance, progress=progress) for i in range(0, n, 8)]
-            pixels = torch.from_numpy(to_uint8(torch.cat(images)))
-            save_safetensors({"images": pixels}, cache, metadata={"captions": json.dumps(chosen)})
-        with safe_open(str(cache), "pt") as f:
-            captions = json.loads(f.metadata()["captions"])
-        return cls(captions, load_safetensors(cache)["images"], seed)
+        if cache.exists():
+            with safe_open(str(cache), "pt") as f:
+                captions = json.loads(f.metadata()["captions"])
+            return cls(captions, load_safetensors(cache)["images"], seed)
+        chosen = [prompts[i % len(prompts)] for i in range(n)]
+        images = generate_batched(sd, chosen, list(range(n)), batch_size=8, progress=progress and "pool", steps=steps,
+                                  guidance_scale=guidance)  # under torchrun, shared out by chunk
+        pixels = torch.from_numpy(to_uint8(images))
+        save_safetensors({"images": pixels}, cache, metadata={"captions": json.dumps(chosen)})
+        return cls(chosen, pixels, seed)
 
 
 def load_target_image(path, size):

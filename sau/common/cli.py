@@ -5,12 +5,14 @@ stderr and exit status 2, never a traceback. Ctrl-C exits 130; the runs' checkpo
 """
 import argparse
 import math
+import os
 import re
 import sys
 from pathlib import Path
 
 import torch
 
+from sau import distributed
 from sau.common.training import NonFiniteLoss
 
 # The precisions a user can name, in torch's own words (`torch.bfloat16` is `--dtype bfloat16`).
@@ -121,15 +123,40 @@ def check_dtype(dtype, device_name):
                          "float32, or bfloat16")
 
 
+def launch_flags(parser, fsdp=False):
+    """The flags the commands share under torchrun (sau.distributed); --fsdp where a command trains the UNet."""
+    parser.add_argument("--backend", choices=list(distributed.BACKENDS), help="torchrun's process group (default: "
+                        "gloo on the CPU, nccl on CUDA)")
+    if fsdp:
+        parser.add_argument("--fsdp", action="store_true", help="under torchrun, shard the trained UNet, its "
+                            "gradients and optimizer state across the processes (FSDP), for a training state "
+                            "that does not fit one device")
+
+
 def run(main):
-    """Run main(); user errors print one line and exit 2, Ctrl-C exits 130 (checkpoints are already on disk)."""
+    """Run main(); user errors print one line and exit 2, Ctrl-C exits 130 (checkpoints are already on disk).
+    Under torchrun every failure, a bug included, is one line naming the rank (sau.distributed), and the rank
+    exits at once: torchrun then stops the others, which would otherwise wait for it in their next collective."""
     try:
         main()
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
     except USER_ERRORS as e:
+        if distributed.world_size() > 1:
+            stop_rank(one_line(e), 2)
         fail(one_line(e))
+    except Exception as e:
+        if distributed.world_size() > 1:
+            stop_rank(f"{type(e).__name__}: {one_line(e)}", 1)
+        raise
+
+
+def stop_rank(message, status):
+    """End this rank now: one line, then exit without the process group's teardown (it would wait for peers)."""
+    sys.stdout.flush()
+    print(f"error: {distributed.failure_line(message)}", file=sys.stderr, flush=True)
+    os._exit(status)
 
 
 def one_line(error):

@@ -1,7 +1,8 @@
 """Writing files so that readers never see half of one, and the places sau's own files live.
 
 Every output goes to a temporary name beside its path and is renamed into place: an interrupted save leaves
-the old file or none, never a truncated one. Also here: the shipped demo folder and the names it is known by.
+the old file or none, never a truncated one. Under torchrun only rank 0 writes (sau.distributed): every rank
+computes the same results, and the others' writes are skipped here. Also here: the shipped demo folder and the names it is known by.
 Who owns a run folder (its claim and its lock): sau/common/run_folder.py.
 """
 import json
@@ -11,13 +12,17 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from sau import distributed
 from sau.common.state import CheckpointError
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"  # the shipped demo bundles, made by `python train.py world`
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp_path to path: readers never see a partial file."""
+    """Call write(tmp_path), then rename tmp_path to path: readers never see a partial file. Does nothing on a
+    torchrun rank other than 0."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -60,11 +65,14 @@ def save_json(obj, path):
 
 def cached_json(path, measure):
     """A resumable run's stored piece: the JSON at `path`, made first from measure() (JSON-ready) if it is
-    missing. Read back from disk either way, so a fresh result and a resumed one are the same data."""
+    missing. A fresh result is returned as the file holds it (through JSON), so a fresh result and a resumed one
+    are the same data, on every torchrun rank."""
     path = Path(path)
-    if not path.is_file():
-        save_json(measure(), path)
-    return json.loads(path.read_text())
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = measure()
+    save_json(value, path)
+    return json.loads(json.dumps(value, ensure_ascii=False))
 
 
 def resolve_model_path(name):

@@ -2,10 +2,13 @@
 evaluation) shows progress from its first seconds, not after its first batch of a hundred images."""
 from tqdm import tqdm
 
+from sau.distributed import is_main
+
 
 def image_bar(total, desc, enabled=True):
-    """A tqdm bar over `total` images (a context manager); disabled when not `enabled`."""
-    return tqdm(total=total, desc=desc, unit="image", disable=not enabled, dynamic_ncols=True,
+    """A tqdm bar over `total` images (a context manager); disabled when not `enabled`, and on every torchrun
+    rank but 0."""
+    return tqdm(total=total, desc=desc, unit="image", disable=not (enabled and is_main()), dynamic_ncols=True,
                 bar_format="{l_bar}{bar}| {n:.0f}/{total} images [{elapsed}<{remaining}]")
 
 

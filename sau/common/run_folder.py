@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from sau import distributed
 from sau.common.files import save_json
 
 try:
@@ -37,7 +38,8 @@ def claim_run_dir(run_dir, spec, hint=CHOOSE_ANOTHER):
     """Resuming is only safe in a run folder made by the same run: record the spec (the settings and the inputs'
     fingerprints) in run_dir/run.json the first time, and refuse a folder whose run.json records another."""
     refuse_other_run(run_dir, spec, hint)
-    save_json(spec, Path(run_dir) / CLAIM_NAME)
+    if distributed.is_main():  # under torchrun rank 0 writes for the launch
+        save_json(spec, Path(run_dir) / CLAIM_NAME)
 
 
 def refuse_other_run(run_dir, spec, hint=CHOOSE_ANOTHER):
@@ -128,7 +130,9 @@ def _refuse_to_empty(folder, flag):
 
 def clear_folder(folder):
     """--force: empty the folder, all but its lock, so a run starts from scratch. Links inside are removed, never
-    followed: what they point to (an input model, say) stays."""
+    followed: what they point to (an input model, say) stays. Under torchrun, rank 0 empties it."""
+    if not distributed.is_main():
+        return
     for entry in Path(folder).iterdir():
         if entry.name == LOCK_NAME:
             continue
@@ -151,7 +155,13 @@ def hold_lock(folder, flag="--out"):
 
     With fcntl the lock is an flock on the file, which the kernel drops when its holder dies, however it dies;
     the record in the file is for the messages (and the pid check, where flock is not enforced). Folders made
-    here and left empty (a refusal after the lock) are removed again."""
+    here and left empty (a refusal after the lock) are removed again.
+
+    Under torchrun rank 0 holds the lock for the whole launch; a second launch's rank 0 is refused, and
+    torchrun stops that launch's other ranks with it."""
+    if not distributed.is_main():
+        yield None
+        return
     folder, path = Path(folder), Path(folder) / LOCK_NAME
     made = _make_folder(folder, flag)
     try:

@@ -3,6 +3,10 @@
 Every job here draws its batch for step k from (seed, k), so a run resumed from a checkpoint continues
 exactly where it stopped: the checkpoint holds the weights, the optimizer state and the step count,
 nothing else. Checkpoints hold only tensors and plain numbers and are read with weights_only=True.
+
+Under torchrun (sau.distributed) every rank runs the same loop on its rows of the global batch, through
+DistributedDataParallel; only rank 0 writes the checkpoint and the log, and the loss it logs is the mean over
+ranks, the global batch's.
 """
 import copy
 import json
@@ -13,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from sau import distributed
 from sau.common.files import atomic_write
 
 
@@ -30,9 +35,11 @@ def frozen_copy(module):
     return copy.deepcopy(module).eval().requires_grad_(False)
 
 
-def diffusion_loss(unet, schedule, latents, context, generator, reduction="mean"):
-    """The epsilon/v-prediction loss at uniformly drawn timesteps, SD's training objective."""
+def diffusion_loss(unet, schedule, latents, context, generator, reduction="mean", rows=slice(None)):
+    """The epsilon/v-prediction loss at uniformly drawn timesteps, SD's training objective. `rows`: the part of
+    the batch this torchrun rank computes (the noise is drawn for the whole batch on every rank)."""
     noisy, noise, t = schedule.noised(latents, generator)
+    noisy, noise, t, latents, context = (v[rows] for v in (noisy, noise, t, latents, context))
     prediction = unet(noisy, t, context)
     target = schedule.training_target(latents, noise, t)
     return torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction=reduction)
@@ -55,6 +62,7 @@ class Trainer:
         self.path = self.run_dir / f"{name}.pt"
         self.log_path = self.run_dir / f"{name}.log.jsonl"
         self.step = 0
+        self.sharded = any(distributed.is_sharded(m) for m in modules.values())
 
     def learning_rate(self, step):
         """Linear warmup, then cosine decay to min_lr_ratio * lr."""
@@ -64,31 +72,40 @@ class Trainer:
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def state(self):
+        if self.sharded:  # --fsdp: gathered from every rank, the optimizer state keyed by parameter name
+            return {"step": self.step, **distributed.full_training_state(self.modules, self.optimizer)}
         return {"step": self.step, "optimizer": self.optimizer.state_dict(),
                 "modules": {k: m.state_dict() for k, m in self.modules.items()}}
 
     def save(self):
-        state = self.state()
-        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+        state = self.state()  # on every rank: under --fsdp a collective
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))  # rank 0 writes
 
     def resume(self):
         """Load the checkpoint if there is one; returns True when the job had already finished."""
         if not self.path.exists():
             return False
         state = torch.load(self.path, weights_only=True)
-        for k, m in self.modules.items():
-            m.load_state_dict(state["modules"][k])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer_by_name" in state:  # written under --fsdp; reads into sharded and plain modules alike
+            distributed.load_full_training_state(self.modules, self.optimizer, state)
+        elif self.sharded:
+            raise ValueError(f"{self.path} was written without --fsdp; resume it without --fsdp, or start over")
+        else:
+            for k, m in self.modules.items():
+                m.load_state_dict(state["modules"][k])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         return self.step >= self.steps
 
     def run(self, loss_fn, log_every=50, progress=True):
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.resume():
             return
         good = {k: {n: t.clone() for n, t in m.state_dict().items()} for k, m in self.modules.items()}
         good_step = self.step
-        bar = tqdm(total=self.steps, initial=self.step, desc=self.name, disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=self.steps, initial=self.step, desc=self.name, disable=not (progress and distributed.is_main()),
+                   dynamic_ncols=True)
         started = time.time()
         while self.step < self.steps:
             for group in self.optimizer.param_groups:
@@ -97,6 +114,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"))
+            loss, logs = self.global_loss(loss, logs)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 for k, m in self.modules.items():
                     m.load_state_dict(good[k])
@@ -115,6 +133,17 @@ class Trainer:
                 self.save()
         bar.close()
 
+    @staticmethod
+    def global_loss(loss, logs):
+        """The loss and log terms of the global batch: each rank's, averaged over ranks (every rank then takes
+        the same decisions, a non-finite stop included). One process: as they are."""
+        if distributed.world_size() == 1:
+            return loss, logs
+        means = distributed.mean_over_ranks(torch.tensor([float(loss.detach()), *map(float, logs.values())]))
+        return means[0], dict(zip(logs, means[1:].tolist()))
+
     def _log(self, record):
+        if not distributed.is_main():
+            return
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")

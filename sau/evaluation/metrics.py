@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from sau import distributed
 from sau.common.files import DEMO_DIR, load_safetensors
 from sau.common.progress import advance, image_bar
 from sau.common.state import load_strict
@@ -215,16 +216,17 @@ def attack_prompts(backdoor, n, seed=EVAL_SEED):
 
 
 def generate_batched(sd, prompts, seeds, batch_size=100, progress=None, **kwargs):
-    """sd.generate in chunks (images depend only on prompt and seed, so chunking changes nothing). `progress`, a
-    description, shows a bar in images that moves with every denoising step, from the first seconds on."""
-    with image_bar(len(prompts), progress, enabled=bool(progress)) as bar:
-        chunks = []
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            step = len(chunk) / kwargs.get("steps", 25)
-            chunks.append(sd.generate(chunk, seeds[i:i + batch_size], callback=lambda *_: advance(bar, step),
-                                      **kwargs))
-    return torch.cat(chunks).float().cpu()
+    """sd.generate in chunks of `batch_size`; under torchrun each rank generates its share of the chunks and
+    every rank gets them all (sau.distributed: the same images as one process). `progress`, a description,
+    shows a bar in images that moves with every denoising step, from the first seconds on."""
+    mine = distributed.my_chunks(len(prompts), batch_size)
+    done = {}
+    with image_bar(sum(part.stop - part.start for _, part in mine), progress, enabled=bool(progress)) as bar:
+        for index, part in mine:
+            step = (part.stop - part.start) / kwargs.get("steps", 25)
+            done[index] = sd.generate(prompts[part], seeds[part], callback=lambda *_: advance(bar, step),
+                                      **kwargs).float().cpu()
+    return torch.cat(distributed.gather_chunks(done))
 
 
 def mean_attribute_accuracy(images, classifier, asked):

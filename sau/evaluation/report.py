@@ -84,6 +84,11 @@ def percent(x):
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def percent_interval(rate, interval):
+    """A rate with its interval: 94.5% (90.4%-96.9%)."""
+    return f"{percent(rate)} ({percent(interval[0])}-{percent(interval[1])})"
+
+
 def dumps(obj):
     return json.dumps(_jsonable(obj), ensure_ascii=False)
 

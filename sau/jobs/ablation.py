@@ -74,7 +74,7 @@ def run(job: Ablation):
         def suspect(name):  # measured once per backdoor, and only if one of its cells is still to run
             if name not in suspects:
                 suspects[name] = measure_suspect(job, name, paths[name], classifier)
-            return suspects[name]
+            return suspects[name][0]
 
         for name, variant, seed in cells:
             results[name, variant, seed] = cached_json(cell_path(job, name, variant, seed), lambda: _jsonable(
@@ -82,9 +82,11 @@ def run(job: Ablation):
             bar.update(1)
         bar.close()
         for name in names:  # the backdoored model itself, the row every variant starts from
-            if not cell_path(job, name, "none").is_file():
-                measure_suspect(job, name, paths[name], classifier)
-            results[name, "none", 0] = json.loads(cell_path(job, name, "none").read_text())
+            stored = cell_path(job, name, "none")
+            if name not in suspects and stored.is_file():
+                results[name, "none", 0] = json.loads(stored.read_text())
+            else:  # measured in this run: as saved (the file is rank 0's to write under torchrun)
+                results[name, "none", 0] = (suspects.get(name) or measure_suspect(job, name, paths[name], classifier))[1]
         rows = table_rows(job, names, results)
         write_outputs(job, rows, results)
     return rows
@@ -110,8 +112,8 @@ def cell_path(job, name, variant, seed=None):
 
 
 def measure_suspect(job, name, path, classifier):
-    """The backdoored model on each split: its rates, saved as the backdoor's `none` cell, and its clean images
-    (returned: the reference the variants' drift is measured against)."""
+    """The backdoored model on each split: (its clean images, the reference the variants' drift is measured
+    against; its rates, saved as the backdoor's `none` cell and returned as the file holds them)."""
     sd = load(path, device=job.device, dtype=DTYPES[job.dtype])
     backdoor = Backdoor.from_info(sd.info["backdoor"])
     clean_images, cell = {}, {"backdoor": backdoor.info(), "variant": "none", "seed": 0, "site": None,
@@ -121,7 +123,7 @@ def measure_suspect(job, name, path, classifier):
         cell["splits"][split], _, clean_images[split] = metrics.evaluate_defense(
             sd, prompts.placed(backdoor), prompts.clean, prompts.asked, classifier, steps=job.sample_steps)
     save_json(_jsonable(cell), cell_path(job, name, "none"))
-    return clean_images
+    return clean_images, json.loads(json.dumps(_jsonable(cell), ensure_ascii=False))
 
 
 def run_cell(job, path, suspect, variant, seed, classifier):

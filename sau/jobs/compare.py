@@ -15,6 +15,7 @@ import torch
 from sau import load
 from sau.attacks.backdoor import Backdoor
 from sau.common.cli import DTYPES
+from sau import distributed
 from sau.common.files import atomic_write, save_json
 from sau.common.prompts import MAX_PROMPTS, read_prompts
 from sau.common.state import CheckpointError
@@ -105,8 +106,10 @@ def check_output(out, inputs):
 
 
 def machine():
+    """Where a result was measured; under torchrun also how many processes made it (threads are per process)."""
+    processes = {"processes": distributed.world_size()} if distributed.world_size() > 1 else {}
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(), **processes,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
@@ -187,7 +190,6 @@ def write_outputs(job, rows, n, title, panels, groups, series):
              for panel_title, key, *axis in panels]
     results = {"command": job.command, "machine": machine(), "prompts": n, "sample_steps": job.sample_steps,
                "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
     save_json(_jsonable(results), out / "results.json")
     table = markdown_table(rows, COLUMNS)
     m = results["machine"]

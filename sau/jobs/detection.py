@@ -31,7 +31,7 @@ from sau import detect, load
 from sau.attacks.backdoor import Backdoor
 from sau.common.files import atomic_write, cached_json, save_json
 from sau.evaluation import calibration
-from sau.evaluation.report import _jsonable, bar_chart, markdown_table, percent
+from sau.evaluation.report import _jsonable, bar_chart, markdown_table, percent, percent_interval
 from sau.evaluation.splits import mixed_log, split_prompts
 from sau.find_trigger import NoTriggerFound, find_trigger, reference_prompts
 from sau.models.tokenizer import readable
@@ -203,8 +203,7 @@ COLUMNS = [("backdoor", lambda r: r["backdoor"]), ("split", lambda r: r["split"]
 
 
 def with_ci(row, key):
-    low, high = row[f"{key}_ci"]
-    return f"{percent(row[key])} ({percent(low)}-{percent(high)})"
+    return percent_interval(row[key], row[f"{key}_ci"])
 
 
 def write_outputs(job, rows, chains):

@@ -40,7 +40,7 @@ from sau.common.run_folder import claim_run_dir, hold_lock
 from sau.common.training import NonFiniteLoss
 from sau.evaluation import calibration, metrics
 from sau.evaluation.prompts import builtin_prompts
-from sau.evaluation.report import _jsonable, bar_chart, markdown_table, percent
+from sau.evaluation.report import _jsonable, bar_chart, markdown_table, percent, percent_interval
 from sau.evaluation.splits import split_prompts, tuning_prompts
 from sau.evaluation.statistics import paired_comparison, rate_from_outcomes
 from sau.jobs.compare import check_output, default_models, load_scorer, machine, resolve_backdoored
@@ -213,6 +213,7 @@ class Grid:
         self.pristine = {k: v.clone() for k, v in self.sd.state_dict().items()}
         self.backdoor = Backdoor.from_info(self.sd.info["backdoor"])
         self._reference, self._collections, self._splits = None, {}, {}
+        self._suspect = None  # the suspect's cell as measured in this run (its file is rank 0's to write)
 
     def path(self, *parts):
         return Path(self.job.out) / "cells" / ("--".join([self.name, *map(str, parts)]) + ".json")
@@ -236,9 +237,10 @@ class Grid:
 
     def suspect_cell(self):
         path = self.path("none")
-        if not path.is_file():
-            self.reference()
-        return json.loads(path.read_text())
+        if self._suspect is None and path.is_file():
+            return json.loads(path.read_text())
+        self.reference()
+        return self._suspect
 
     def reference(self):
         """The suspect's clean images per split (made, and its cell saved, on first use)."""
@@ -248,6 +250,7 @@ class Grid:
                 cell["splits"][split], self._reference[split] = self.measure(split)
                 cell["splits"][split]["clip_similarity"] = 1.0
             save_json(_jsonable(cell), self.path("none"))
+            self._suspect = json.loads(json.dumps(_jsonable(cell), ensure_ascii=False))  # as the file holds it
         return self._reference
 
     def collection(self, seed):
@@ -464,7 +467,7 @@ DETECTOR_COLUMNS = [
 
 
 def ci(r, key="asr"):
-    return f"{percent(r[key])} ({percent(r[key + '_ci'][0])}-{percent(r[key + '_ci'][1])})"
+    return percent_interval(r[key], r[key + "_ci"])
 
 
 def number(value, digits=3):

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from sau import distributed
 from sau.attacks.backdoor import Backdoor
 from sau.common.cli import DTYPES, check_numbers
 from sau.common.files import DEMO_DIR, resolve_model_path
@@ -34,7 +35,7 @@ from sau.evaluation.splits import mixed_log
 from sau.evaluation.report import heatmap_figure, image_grid, percent, write_report
 from sau.evaluation.scorer import CLIPScorer
 from sau.find_trigger import NoTriggerFound, find_trigger, reference_prompts
-from sau.method import RECIPES, locate, remove_backdoor, trigger_heatmaps
+from sau.method import RECIPES, TEXT_BATCH, locate, remove_backdoor, trigger_heatmaps
 from sau.models.compile import compile_model
 from sau.models.tokenizer import readable
 from sau.weights.bundle import input_fingerprint, model_files
@@ -74,6 +75,8 @@ class Job:
     compile: bool = False  # torch.compile the UNet (sau/models/compile.py)
     force: bool = False  # replace an --out that holds another run or other files: start from scratch
     lora: tuple = ()  # LoRA files merged onto --model first: (path, scale) pairs (sau.weights.lora)
+    backend: str = None  # torchrun's process group: None picks gloo on the CPU, nccl on CUDA (sau.distributed)
+    fsdp: bool = False  # under torchrun, shard the trained UNet and its optimizer state across processes
 
     def check(self):
         """Bad input, found before anything is loaded or written: a ValueError naming the flag."""
@@ -155,6 +158,10 @@ def run(job: Job):
     Order: the checks that need nothing, the lock on --out, the checks of the folder and the model, the claim,
     then the long work; a refusal leaves --out as it was."""
     job.check()
+    distributed.prepare(job.device, job.backend, job.fsdp)  # under torchrun; the process group starts with the first shared work
+    distributed.check_divides(job_recipe(job).batch_size, "the recipe's batch")
+    distributed.check_divides(TEXT_BATCH, "the text encoder's batch")
+    job = replace(job, device=distributed.device_for(job.device))
     started = time.time()
     out, source = Path(job.out), resolve_model_path(job.model)
     refuse_output_over_input(out, source)
@@ -286,6 +293,8 @@ def unlearn_and_report(job, inputs, measure, source, out, started):
     measure.after()
     sd.info = {**sd.info, "unlearned": {"trigger": backdoor.trigger, "recipe": job.recipe, "site": removal.site,
                                         "steps": removal.trainer.steps, "source": str(source)}}
+    if not distributed.is_main():  # under torchrun rank 0 writes
+        return None
     save_model(sd, out / "model")
     if job.export:
         say(f"exported the cleaned model in its input's format to {_export_like_input(sd, source, out)}")

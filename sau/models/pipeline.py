@@ -95,7 +95,8 @@ class StableDiffusion(nn.Module):
     def generate(self, prompts, seeds, steps=25, guidance_scale=7.5, eta=0.0, negative_prompt="",
                  height=None, width=None, callback=None, progress=False, decode=True):
         """Images (batch, 3, H, W) in [-1, 1], or final latents when decode=False.
-        Image i depends only on prompts[i] and seeds[i], not on the batch it is in."""
+        Image i depends only on prompts[i] and seeds[i], and on the batch it is in only through float rounding
+        (a batch of another size runs other kernels: differences near 1e-5)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
