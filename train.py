@@ -40,7 +40,7 @@ def quality(args):
 
 def backdoor(args):
     trigger = None if args.trigger is None else decode_escapes(args.trigger)
-    distributed.prepare(args.device, args.backend, args.fsdp)  # under torchrun: each process trains on its share of a batch
+    distributed.prepare(args.device, args.backend, args.fsdp)  # torchrun: each process trains on its share
     args.device = distributed.device_for(args.device)
     backdoor_bundle(
         resolve_model_path(args.model), args.out, args.attack, trigger, args.target, args.replaces, data=args.data,

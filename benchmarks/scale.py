@@ -107,10 +107,10 @@ def configurations(args):
     """(label, processes, work, dtype, compiled) of every row."""
     counts = [1, 2] if args.device == "cpu" else list(range(1, torch.cuda.device_count() + 1))
     unit = "process" if args.device == "cpu" else "GPU"
-    rows = [(f"evaluation generation, fp32, {n} {unit}{'es' if n > 1 and unit == 'process' else 's' if n > 1 else ''}",
-             n, "generate", "float32", False) for n in counts]
-    rows += [(f"SAU unlearning (default recipe), {n} {unit}{'es' if n > 1 and unit == 'process' else 's' if n > 1 else ''}",
-              n, "unlearn", "float32", False) for n in counts]
+    def units(n):
+        return f"{n} {unit}" + ("" if n == 1 else "es" if unit == "process" else "s")
+    rows = [(f"evaluation generation, fp32, {units(n)}", n, "generate", "float32", False) for n in counts]
+    rows += [(f"SAU unlearning (default recipe), {units(n)}", n, "unlearn", "float32", False) for n in counts]
     if args.device == "cpu":
         rows.append(("evaluation generation, bf16 + compile, 1 process", 1, "generate", "bfloat16", True))
     return rows
@@ -154,8 +154,8 @@ def markdown(summary, found, args, info):
         unit = "images/s" if r["work"] == "generate" else "steps/s"
         lines.append(f"| {r['configuration']} | {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f}) | {unit} |")
     lines += ["", "| check | value | limit | pass |", "|---|---|---|---|"]
-    lines += [f"| {c['check']} | {c['value']:.2f}x | {c['limit']} | {'-' if c['pass'] is None else 'yes' if c['pass'] else 'NO'} |"
-              for c in found]
+    verdict = {None: "-", True: "yes", False: "NO"}
+    lines += [f"| {c['check']} | {c['value']:.2f}x | {c['limit']} | {verdict[c['pass']]} |" for c in found]
     return "\n".join(lines) + "\n"
 
 

@@ -90,8 +90,9 @@ def main():
     lines = ["| model | configuration | UNet parameters | resident before (MiB) | added by unlearning, per process "
              "(MiB) | total per process (MiB) |", "|---|---|---|---|---|---|"]
     for r in rows:
+        resident = max(x["resident_mib"] for x in r["ranks"])
         lines.append(f"| {r['model']} | {r['configuration']} | {r['ranks'][0]['unet_params'] / 1e6:.0f}M | "
-                     f"{max(x['resident_mib'] for x in r['ranks']):.0f} | {r['added_mib']:.0f} | {r['total_mib']:.0f} |")
+                     f"{resident:.0f} | {r['added_mib']:.0f} | {r['total_mib']:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     save_json({"command": "python -m benchmarks.sharding " + " ".join(sys.argv[1:]), "machine": machine(),

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from sau import distributed
 from sau.attacks.backdoor import imitated_letter
 from sau.models.attention import capture_attention
 from sau.models.tokenizer import clean_text
@@ -99,9 +100,11 @@ class MapRecorder:
 
 @torch.no_grad()
 def prompt_maps(sd, prompts, seeds, steps=25, guidance_scale=7.5, batch_size=64):
-    """PromptMaps of `prompts` (image i from seeds[i]), generated in batches."""
-    parts = [_prompt_maps(sd, prompts[i:i + batch_size], seeds[i:i + batch_size], steps, guidance_scale)
-             for i in range(0, len(prompts), batch_size)]
+    """PromptMaps of `prompts` (image i from seeds[i]), generated in batches (under torchrun each rank makes its
+    share of the batches, sau.distributed, and every rank gets them all)."""
+    mine = {index: _prompt_maps(sd, prompts[part], seeds[part], steps, guidance_scale)
+            for index, part in distributed.my_chunks(len(prompts), batch_size)}
+    parts = distributed.gather_chunks(mine)
     return PromptMaps(torch.cat([p.token_maps for p in parts]), torch.cat([p.eot_steps for p in parts]),
                       [n for p in parts for n in p.lengths], torch.cat([p.layer_stats for p in parts]))
 

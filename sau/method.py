@@ -228,7 +228,8 @@ def collect(sd, located, seeds, steps=25, guidance_scale=7.5, progress=False, ba
                                                          seeds[part], steps, guidance_scale, callback=moved)
             chunk_clean = sd.generate(located.clean_prompts[part], seeds[part], steps=steps,
                                       guidance_scale=guidance_scale, decode=False, callback=moved)
-            done[index] = (chunk_latents.cpu(), chunk_clean.cpu(), chunk_heat, len(seeds[part]))  # ranks swap CPU copies
+            # ranks exchange CPU copies
+            done[index] = (chunk_latents.cpu(), chunk_clean.cpu(), chunk_heat, len(seeds[part]))
     latents, clean_latents, heatmap_parts, sizes = zip(*distributed.gather_chunks(done))
     heat = list(zip(heatmap_parts, sizes))
     heatmaps = heat[0][0] if len(heat) == 1 else {  # the mean over prompts, each chunk weighed by its size

@@ -9,9 +9,10 @@ SAU = Path(__file__).resolve().parent.parent / "sau"
 CLIS = {"unlearn", "eval", "train", "weights_convert", "benchmarks"}  # top-level programs: nothing imports them
 
 # Lowest first. A module may import its own layer and the layers below it. world and evaluation share a rank:
-# the demo world's training measures with the scorer, and the metrics read the world's drawings.
-LAYERS = {"common": 0, "models": 1, "weights": 2, "__init__": 2, "world": 3, "evaluation": 3, "attacks": 4,
-          "method": 5, "detect": 5, "baselines": 6, "find_trigger": 6, "jobs": 7}
+# the demo world's training measures with the scorer, and the metrics read the world's drawings. distributed (the
+# rank-awareness under torchrun) is as low as common, which asks it which process writes.
+LAYERS = {"distributed": 0, "common": 0, "models": 1, "weights": 2, "__init__": 2, "world": 3, "evaluation": 3,
+          "attacks": 4, "method": 5, "detect": 5, "baselines": 6, "find_trigger": 6, "jobs": 7}
 
 
 def module_name(path):

@@ -2,7 +2,8 @@
 
 Every output goes to a temporary name beside its path and is renamed into place: an interrupted save leaves
 the old file or none, never a truncated one. Under torchrun only rank 0 writes (sau.distributed): every rank
-computes the same results, and the others' writes are skipped here. Also here: the shipped demo folder and the names it is known by.
+computes the same results, and the others' writes are skipped here. Also here: the shipped demo folder and the
+names it is known by.
 Who owns a run folder (its claim and its lock): sau/common/run_folder.py.
 """
 import json

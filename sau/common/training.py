@@ -5,8 +5,9 @@ exactly where it stopped: the checkpoint holds the weights, the optimizer state 
 nothing else. Checkpoints hold only tensors and plain numbers and are read with weights_only=True.
 
 Under torchrun (sau.distributed) every rank runs the same loop on its rows of the global batch, through
-DistributedDataParallel; only rank 0 writes the checkpoint and the log, and the loss it logs is the mean over
-ranks, the global batch's.
+DistributedDataParallel or, with --fsdp, on a sharded module (its checkpoint then holds the gathered weights and
+the optimizer state keyed by parameter name); only rank 0 writes the checkpoint and the log, and the loss it logs
+is the mean over ranks, the global batch's.
 """
 import copy
 import json
@@ -104,8 +105,8 @@ class Trainer:
             return
         good = {k: {n: t.clone() for n, t in m.state_dict().items()} for k, m in self.modules.items()}
         good_step = self.step
-        bar = tqdm(total=self.steps, initial=self.step, desc=self.name, disable=not (progress and distributed.is_main()),
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.steps, initial=self.step, desc=self.name, dynamic_ncols=True,
+                   disable=not (progress and distributed.is_main()))
         started = time.time()
         while self.step < self.steps:
             for group in self.optimizer.param_groups:

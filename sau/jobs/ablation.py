@@ -86,7 +86,8 @@ def run(job: Ablation):
             if name not in suspects and stored.is_file():
                 results[name, "none", 0] = json.loads(stored.read_text())
             else:  # measured in this run: as saved (the file is rank 0's to write under torchrun)
-                results[name, "none", 0] = (suspects.get(name) or measure_suspect(job, name, paths[name], classifier))[1]
+                measured = suspects.get(name) or measure_suspect(job, name, paths[name], classifier)
+                results[name, "none", 0] = measured[1]
         rows = table_rows(job, names, results)
         write_outputs(job, rows, results)
     return rows

@@ -158,7 +158,7 @@ def run(job: Job):
     Order: the checks that need nothing, the lock on --out, the checks of the folder and the model, the claim,
     then the long work; a refusal leaves --out as it was."""
     job.check()
-    distributed.prepare(job.device, job.backend, job.fsdp)  # under torchrun; the process group starts with the first shared work
+    distributed.prepare(job.device, job.backend, job.fsdp)  # torchrun: the process group starts with shared work
     distributed.check_divides(job_recipe(job).batch_size, "the recipe's batch")
     distributed.check_divides(TEXT_BATCH, "the text encoder's batch")
     job = replace(job, device=distributed.device_for(job.device))
