@@ -8,8 +8,9 @@ second at 1 and 2 processes (one thread each), and bf16 + torch.compile evaluati
 Each configuration is one fresh launch (plain python for 1 process, `torchrun --standalone` for more), repeated
 --repeats times with the configurations interleaved; the table gives medians (min-max). Inside a launch the
 model is loaded and warmed up untimed (a compiled model compiles there), then the timed work runs between two
-barriers: evaluation generation is sau.evaluation.metrics.generate_batched (chunks of 8 prompts, shared out by
-chunk), unlearning is sau.method.unlearn_unet with the default recipe (global batch 8, split across processes).
+barriers: evaluation generation is sau.evaluation.metrics.generate_batched on 200 prompts in the evaluation's
+chunks of 100 (shared out by chunk), unlearning is sau.method.unlearn_unet with the default recipe (global batch
+8, split across processes).
 """
 import argparse
 import json
@@ -28,12 +29,12 @@ from sau.common.files import save_json
 
 from .harness import machine
 
-CHUNK = 8  # prompts per generation chunk: the unit processes share
+CHUNK = 100  # prompts per generation chunk, the unit processes share: the evaluation's (generate_batched's default)
 
 
 # --- inside one launch ------------------------------------------------------------------------------------
 
-def measure_generation(prompts, steps, dtype, compiled):
+def measure_generation(prompts, steps, dtype, compiled, chunk=CHUNK):
     """Images per second of generate_batched on the demo model, after an untimed warm-up."""
     import sau
     from sau import distributed
@@ -43,11 +44,11 @@ def measure_generation(prompts, steps, dtype, compiled):
     sd = sau.load("demo", dtype=getattr(torch, dtype))
     if compiled:
         compile_model(sd.unet)
-    captions, _ = shapes.eval_prompts(prompts, seed=99)
-    generate_batched(sd, captions[:CHUNK], list(range(CHUNK)), batch_size=CHUNK, steps=steps)  # warm-up
+    captions, _ = shapes.eval_prompts(prompts + chunk, seed=99)
+    generate_batched(sd, captions[-chunk:], list(range(chunk)), batch_size=chunk, steps=steps)  # warm-up
     distributed.barrier()
     started = time.perf_counter()
-    generate_batched(sd, captions, list(range(prompts)), batch_size=CHUNK, steps=steps)
+    generate_batched(sd, captions[:prompts], list(range(prompts)), batch_size=chunk, steps=steps)
     distributed.barrier()
     return prompts / (time.perf_counter() - started)
 
@@ -78,7 +79,7 @@ def worker(args):
     distributed.prepare(args.device)
     torch.set_num_threads(args.threads)
     if args.work == "generate":
-        rate = measure_generation(args.prompts, args.steps, args.dtype, args.compile)
+        rate = measure_generation(args.prompts, args.steps, args.dtype, args.compile, args.chunk)
     else:
         rate = measure_unlearning(args.unlearn_steps)
     if distributed.is_main():
@@ -89,7 +90,8 @@ def worker(args):
 
 def launch(processes, work, args, dtype="float32", compiled=False):
     """One fresh launch of the worker; its measured rate."""
-    flags = ["--worker", work, "--prompts", str(args.prompts), "--steps", str(args.steps), "--unlearn-steps",
+    flags = ["--worker", work, "--prompts", str(args.prompts), "--chunk", str(args.chunk), "--steps", str(args.steps),
+             "--unlearn-steps",
              str(args.unlearn_steps), "--dtype", dtype, "--threads", str(args.threads), "--device", args.device]
     flags += ["--compile"] if compiled else []
     prefix = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -161,13 +163,15 @@ def markdown(summary, found, args, info):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=64, help="evaluation prompts generated per launch")
+    p.add_argument("--prompts", type=int, default=200, help="evaluation prompts generated per launch")
+    p.add_argument("--chunk", type=int, default=CHUNK, help="prompts per generation chunk (default: the evaluation's)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps per image")
     p.add_argument("--unlearn-steps", type=int, default=20, help="timed optimizer steps per launch")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="16 prompts, 5 denoising steps, 4 unlearning steps, 1 repeat")
+    p.add_argument("--quick", action="store_true", help="16 prompts in chunks of 8, 5 denoising steps, 4 unlearning "
+                   "steps, 1 repeat")
     p.add_argument("--json", help="default runs/benchmarks/scale[-quick].json")
     p.add_argument("--worker", choices=["generate", "unlearn"], help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -177,9 +181,9 @@ def main():
         args.work = args.worker
         return worker(args)
     if args.quick:
-        args.prompts, args.steps, args.unlearn_steps, args.repeats = 16, 5, 4, 1
-    if args.prompts % CHUNK:
-        p.error(f"--prompts must be a multiple of {CHUNK}, the chunk processes share")
+        args.prompts, args.chunk, args.steps, args.unlearn_steps, args.repeats = 16, 8, 5, 4, 1
+    if args.prompts % (2 * args.chunk):
+        p.error(f"--prompts must be a multiple of 2 x --chunk ({2 * args.chunk}), so that 2 processes share it evenly")
     summary = run(args)
     found, info = checks(summary, args.device), machine()
     text = markdown(summary, found, args, info)

@@ -105,7 +105,7 @@ def test_scale_launches_measure_generation_and_unlearning_at_two_processes():
     """benchmarks.scale's launcher, at 2 processes (torchrun) and a few images and steps: positive rates."""
     from argparse import Namespace
     from benchmarks import scale
-    args = Namespace(prompts=16, steps=2, unlearn_steps=2, threads=1, device="cpu")
+    args = Namespace(prompts=16, chunk=8, steps=2, unlearn_steps=2, threads=1, device="cpu")
     for work in ("generate", "unlearn"):
         assert scale.launch(2, work, args) > 0
 
