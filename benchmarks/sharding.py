@@ -26,7 +26,8 @@ from sau.common.files import save_json
 from .harness import machine, peak_memory, resident_mib
 from .memory import MODELS, TRIGGER, build
 
-CONFIGURATIONS = (("1 process", 1, False), ("2 processes, DDP", 2, False), ("2 processes, --fsdp", 2, True))
+CONFIGURATIONS = {"one": ("1 process", 1, False), "ddp": ("2 processes, DDP", 2, False),
+                  "fsdp": ("2 processes, --fsdp", 2, True)}
 BATCH = 2
 
 
@@ -68,6 +69,8 @@ def main():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="sd1", help="comma separated, from " + ", ".join(MODELS))
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--configurations", default=",".join(CONFIGURATIONS),
+                   help="comma separated, from " + ", ".join(CONFIGURATIONS) + " (default: all)")
     p.add_argument("--json", default="runs/benchmarks/sharding.json")
     p.add_argument("--launch", nargs=2, metavar=("MODEL", "STEPS"), help=argparse.SUPPRESS)
     p.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)
@@ -81,7 +84,7 @@ def main():
         return
     rows = []
     for model in args.models.split(","):
-        for label, processes, fsdp in CONFIGURATIONS:
+        for label, processes, fsdp in (CONFIGURATIONS[c] for c in args.configurations.split(",")):
             ranks = launch(model, processes, fsdp, args.steps)
             rows.append({"model": model, "configuration": label, "ranks": ranks,
                          "added_mib": max(r["added_mib"] for r in ranks),
