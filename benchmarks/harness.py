@@ -12,10 +12,13 @@ tensors, allocator slack, kernel workspaces, compiled code. Model weights existi
 """
 import ctypes
 import datetime
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -171,3 +174,18 @@ def publish(report, text, path):
     print(text)
     save_json(report, path)
     print(f"\nwrote {path} ({report['wall_s']:.0f} s)")
+
+
+# --- one launch of a benchmark's worker -------------------------------------------------------------------
+
+def launch(module, flags, processes, threads, what):
+    """`python -m module FLAGS` as a fresh process, or under `torchrun --standalone` with `processes` of them,
+    `threads` torch threads each; the JSON its rank 0 printed on a `RESULT ` line. RuntimeError naming `what`."""
+    prefix = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      f"--nproc_per_node={processes}"]
+    done = subprocess.run([*prefix, "-m", module, *flags], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)}, cwd=Path(__file__).parent.parent)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{what} at {processes} processes failed:\n{done.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])

@@ -14,9 +14,7 @@ chunks of 100 (shared out by chunk), unlearning is sau.method.unlearn_unet with 
 """
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ import torch
 
 from sau.common.files import save_json
 
+from . import harness
 from .harness import machine
 
 CHUNK = 100  # prompts per generation chunk, the unit processes share: the evaluation's (generate_batched's default)
@@ -78,7 +77,7 @@ def worker(args):
     from sau import distributed
     distributed.prepare(args.device)
     torch.set_num_threads(args.threads)
-    if args.work == "generate":
+    if args.worker == "generate":
         rate = measure_generation(args.prompts, args.steps, args.dtype, args.compile, args.chunk)
     else:
         rate = measure_unlearning(args.unlearn_steps)
@@ -91,18 +90,9 @@ def worker(args):
 def launch(processes, work, args, dtype="float32", compiled=False):
     """One fresh launch of the worker; its measured rate."""
     flags = ["--worker", work, "--prompts", str(args.prompts), "--chunk", str(args.chunk), "--steps", str(args.steps),
-             "--unlearn-steps",
-             str(args.unlearn_steps), "--dtype", dtype, "--threads", str(args.threads), "--device", args.device]
-    flags += ["--compile"] if compiled else []
-    prefix = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                      f"--nproc_per_node={processes}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    done = subprocess.run([*prefix, "-m", "benchmarks.scale", *flags], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parent.parent)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{work} at {processes} processes failed:\n{done.stderr[-2000:]}")
-    return json.loads(lines[-1][len("RESULT "):])["rate"]
+             "--unlearn-steps", str(args.unlearn_steps), "--dtype", dtype, "--threads", str(args.threads),
+             "--device", args.device] + (["--compile"] if compiled else [])
+    return harness.launch("benchmarks.scale", flags, processes, args.threads, work)["rate"]
 
 
 def configurations(args):
@@ -178,7 +168,6 @@ def main():
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        args.work = args.worker
         return worker(args)
     if args.quick:
         args.prompts, args.chunk, args.steps, args.unlearn_steps, args.repeats = 16, 8, 5, 4, 1

@@ -14,7 +14,6 @@ copy (the teacher); what --fsdp splits: the trained copy's weights, gradients an
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import replace
@@ -23,6 +22,7 @@ import torch
 
 from sau.common.files import save_json
 
+from . import harness
 from .harness import machine, peak_memory, resident_mib
 from .memory import MODELS, TRIGGER, build
 
@@ -53,15 +53,10 @@ def one_launch(model, steps):
 
 
 def launch(model, processes, fsdp, steps):
-    flags = ["-m", "benchmarks.sharding", "--launch", model, str(steps)] + (["--fsdp"] if fsdp else [])
-    prefix = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                      f"--nproc_per_node={processes}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes))}
-    done = subprocess.run([*prefix, *flags], capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{model} at {processes} processes failed:\n{done.stderr[-2000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    """One fresh launch (the cores shared out among its processes): every process's memory."""
+    flags = ["--launch", model, str(steps)] + (["--fsdp"] if fsdp else [])
+    threads = max(1, (os.cpu_count() or 2) // processes)
+    return harness.launch("benchmarks.sharding", flags, processes, threads, model)
 
 
 def main():

@@ -102,9 +102,8 @@ class MapRecorder:
 def prompt_maps(sd, prompts, seeds, steps=25, guidance_scale=7.5, batch_size=64):
     """PromptMaps of `prompts` (image i from seeds[i]), generated in batches (under torchrun each rank makes its
     share of the batches, sau.distributed, and every rank gets them all)."""
-    mine = {index: _prompt_maps(sd, prompts[part], seeds[part], steps, guidance_scale)
-            for index, part in distributed.my_chunks(len(prompts), batch_size)}
-    parts = distributed.gather_chunks(mine)
+    parts = distributed.map_chunks(len(prompts), batch_size,
+                                   lambda part: _prompt_maps(sd, prompts[part], seeds[part], steps, guidance_scale))
     return PromptMaps(torch.cat([p.token_maps for p in parts]), torch.cat([p.eot_steps for p in parts]),
                       [n for p in parts for n in p.lengths], torch.cat([p.layer_stats for p in parts]))
 

@@ -7,7 +7,7 @@ torchrun starts N copies of the same command and tells each its RANK and WORLD_S
 code on the same inputs, so they stay in step without messages; they meet only where work is split:
 
     generation   prompts are cut into the same chunks a single process generates, and rank r takes chunks
-                 r, r + N, ...; every rank then receives every chunk (`gather_chunks`). An image depends only
+                 r, r + N, ...; every rank then receives every chunk (`map_chunks`). An image depends only
                  on its prompt, seed and chunk, so the result equals one process's bit for bit, whatever N is.
     training     the recipe's global batch is drawn in full on every rank from the step's seed, then rank r
                  keeps its rows (`my_rows`); DistributedDataParallel averages the gradients. So N ranks make the
@@ -99,12 +99,11 @@ def check_divides(global_batch, what="the batch"):
 
 
 def group():
-    """The process group, started on first use."""
+    """Start the process group on first use."""
     if not dist.is_initialized():
         if _settings["backend"] == "nccl":
             torch.cuda.set_device(local_rank())
         dist.init_process_group(_settings["backend"], timeout=TIMEOUT)
-    return dist.group.WORLD
 
 
 def barrier():
@@ -123,6 +122,17 @@ def chunks(n, size):
 def my_chunks(n, size):
     """(index, slice) of the chunks this rank computes: every N-th, starting at its rank."""
     return [(i, part) for i, part in enumerate(chunks(n, size)) if i % world_size() == rank()]
+
+
+def my_share(n, size):
+    """How many of the n items this rank computes (a progress bar's total)."""
+    return sum(part.stop - part.start for _, part in my_chunks(n, size))
+
+
+def map_chunks(n, size, work):
+    """[work(chunk) for every chunk of n items], as one process makes it: this rank runs `work` on its chunks, and
+    every rank receives them all. `work` takes a slice and returns CPU tensors or plain data."""
+    return gather_chunks({i: work(part) for i, part in my_chunks(n, size)})
 
 
 def gather_chunks(mine):

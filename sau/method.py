@@ -220,17 +220,15 @@ COLLECT_BATCH = 64  # prompts generated at once: a long prompt list is collected
 def collect(sd, located, seeds, steps=25, guidance_scale=7.5, progress=False, batch_size=COLLECT_BATCH):
     """The suspect model's triggered and clean generations, and where the trigger's attention falls."""
     seeds = list(seeds)[:len(located.prompts)]
-    mine, done = distributed.my_chunks(len(seeds), batch_size), {}  # under torchrun: this rank's chunks
-    with image_bar(2 * sum(part.stop - part.start for _, part in mine), "collect", enabled=progress) as bar:
-        for index, part in mine:
+    with image_bar(2 * distributed.my_share(len(seeds), batch_size), "collect", enabled=progress) as bar:
+        def generate(part):  # under torchrun each rank generates its share of the chunks (sau.distributed)
             moved = lambda *_: advance(bar, len(seeds[part]) / steps)  # every denoising step moves the bar
             chunk_latents, chunk_heat = trigger_heatmaps(sd, located.prompts[part], located.positions[part],
                                                          seeds[part], steps, guidance_scale, callback=moved)
             chunk_clean = sd.generate(located.clean_prompts[part], seeds[part], steps=steps,
                                       guidance_scale=guidance_scale, decode=False, callback=moved)
-            # ranks exchange CPU copies
-            done[index] = (chunk_latents.cpu(), chunk_clean.cpu(), chunk_heat, len(seeds[part]))
-    latents, clean_latents, heatmap_parts, sizes = zip(*distributed.gather_chunks(done))
+            return chunk_latents.cpu(), chunk_clean.cpu(), chunk_heat, len(seeds[part])  # ranks exchange CPU copies
+        latents, clean_latents, heatmap_parts, sizes = zip(*distributed.map_chunks(len(seeds), batch_size, generate))
     heat = list(zip(heatmap_parts, sizes))
     heatmaps = heat[0][0] if len(heat) == 1 else {  # the mean over prompts, each chunk weighed by its size
         layer: sum(h[layer] * n for h, n in heat) / len(seeds) for layer in heat[0][0]}

@@ -38,8 +38,7 @@ def claim_run_dir(run_dir, spec, hint=CHOOSE_ANOTHER):
     """Resuming is only safe in a run folder made by the same run: record the spec (the settings and the inputs'
     fingerprints) in run_dir/run.json the first time, and refuse a folder whose run.json records another."""
     refuse_other_run(run_dir, spec, hint)
-    if distributed.is_main():  # under torchrun rank 0 writes for the launch
-        save_json(spec, Path(run_dir) / CLAIM_NAME)
+    save_json(spec, Path(run_dir) / CLAIM_NAME)  # under torchrun, rank 0's (sau.common.files.atomic_write)
 
 
 def refuse_other_run(run_dir, spec, hint=CHOOSE_ANOTHER):

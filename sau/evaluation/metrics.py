@@ -219,14 +219,12 @@ def generate_batched(sd, prompts, seeds, batch_size=100, progress=None, **kwargs
     """sd.generate in chunks of `batch_size`; under torchrun each rank generates its share of the chunks and
     every rank gets them all (sau.distributed: the same images as one process). `progress`, a description,
     shows a bar in images that moves with every denoising step, from the first seconds on."""
-    mine = distributed.my_chunks(len(prompts), batch_size)
-    done = {}
-    with image_bar(sum(part.stop - part.start for _, part in mine), progress, enabled=bool(progress)) as bar:
-        for index, part in mine:
+    with image_bar(distributed.my_share(len(prompts), batch_size), progress, enabled=bool(progress)) as bar:
+        def generate(part):
             step = (part.stop - part.start) / kwargs.get("steps", 25)
-            done[index] = sd.generate(prompts[part], seeds[part], callback=lambda *_: advance(bar, step),
-                                      **kwargs).float().cpu()
-    return torch.cat(distributed.gather_chunks(done))
+            return sd.generate(prompts[part], seeds[part], callback=lambda *_: advance(bar, step),
+                               **kwargs).float().cpu()
+        return torch.cat(distributed.map_chunks(len(prompts), batch_size, generate))
 
 
 def mean_attribute_accuracy(images, classifier, asked):

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from sau import load
+from sau import distributed, load
 from sau.attacks.backdoor import Backdoor
 from sau.common.cli import DTYPES
-from sau import distributed
 from sau.common.files import atomic_write, save_json
 from sau.common.prompts import MAX_PROMPTS, read_prompts
 from sau.common.state import CheckpointError
