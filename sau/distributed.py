@@ -25,6 +25,7 @@ import datetime
 import os
 import re
 import sys
+import time
 import warnings
 
 import torch
@@ -32,6 +33,7 @@ import torch.distributed as dist
 
 BACKENDS = ("gloo", "nccl")
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective that waits this long has lost a peer for good
+REFUSAL_GRACE_S = 10  # how long a rank other than 0 leaves rank 0 to report a refusal they share
 
 
 def launched():
@@ -243,3 +245,12 @@ def mean_over_ranks(values):
 def failure_line(message):
     """The one line a failing rank prints: which rank, and why."""
     return message if world_size() == 1 else f"rank {rank()} failed: {message}"
+
+
+def let_rank_zero_report():
+    """Before the process group starts, every rank checks the same input and meets the same refusal at about
+    the same moment; the line should be rank 0's, whichever rank gets there first. So a rank other than 0
+    waits a little: torchrun stops it as soon as rank 0 exits. If it is still alive afterwards, the failure was
+    its own (a file missing on its node), and it reports it."""
+    if world_size() > 1 and not is_main() and not dist.is_initialized():
+        time.sleep(REFUSAL_GRACE_S)

@@ -154,6 +154,7 @@ def run(main):
 
 def stop_rank(message, status):
     """End this rank now: one line, then exit without the process group's teardown (it would wait for peers)."""
+    distributed.let_rank_zero_report()
     sys.stdout.flush()
     print(f"error: {distributed.failure_line(message)}", file=sys.stderr, flush=True)
     os._exit(status)
