@@ -105,9 +105,15 @@ def test_scale_launches_measure_generation_and_unlearning_at_two_processes():
     """benchmarks.scale's launcher, at 2 processes (torchrun) and a few images and steps: positive rates."""
     from argparse import Namespace
     from benchmarks import scale
-    args = Namespace(prompts=16, chunk=8, steps=2, unlearn_steps=2, threads=1, device="cpu")
+    args = Namespace(model="demo", prompts=16, chunk=8, steps=2, side=None, unlearn_steps=2, threads=1, device="cpu")
     for work in ("generate", "unlearn"):
         assert scale.launch(2, work, args) > 0
+
+
+def test_scale_generates_on_a_random_model_of_a_real_topology():
+    """--model sd1's path (random weights of SD's topology, everyday prompts), here on the tiny topology."""
+    from benchmarks import scale
+    assert scale.measure_generation("tiny", prompts=2, steps=2, dtype="float32", compiled=False, chunk=1) > 0
 
 
 def test_sharding_reports_every_process_of_an_fsdp_launch():

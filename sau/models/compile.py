@@ -15,6 +15,9 @@ What to expect (measured with `python -m benchmarks --compile`, see the README):
   gradients are on (training), which compiles a separate graph without it. Frozen graphs may keep a packed
   copy of a weight, so freeze only a model whose weights stay fixed afterwards: a model that is trained
   after a frozen call must be compiled with `freezing=False`.
+- On a CPU it pays on a small model (the demo's bf16 generation: 16.5 -> 21.0 images/s) but not at SD size,
+  where the compiled UNet is slower than eager in fp32 and bf16 alike (`python -m benchmarks.scale --model sd1`,
+  docs/scale.md): leave it off there.
 - Attention capture changes the compute path of the captured layers, so dynamo compiles one more graph for
   each set of captured layers (e.g. uncaptured + "attn2": two graphs). New capture contexts on the same
   layers reuse it: there are no graph breaks and no recompiles per call.
