@@ -31,7 +31,17 @@ from .cases import tokenizer_for
 from .harness import cpu_memory_supported, machine, peak_memory, publish, resident_mib
 
 TRIGGER = "mignneko"  # spelt by any tokenizer, as in benchmarks.gpu
-MODELS = {"tiny": (tiny, torch.float32), "sd1": (sd1, torch.bfloat16)}  # latents at each config's default size
+
+
+def sd1_half():
+    """SD 1.5's topology at half the UNet's width (a quarter of its parameters): two processes of it fit a box
+    where two of the full size do not (benchmarks.sharding)."""
+    config = sd1()
+    return replace(config, unet=replace(config.unet, model_channels=config.unet.model_channels // 2))
+
+
+MODELS = {"tiny": (tiny, torch.float32), "sd1": (sd1, torch.bfloat16),  # latents at each config's default size
+          "sd1-half": (sd1_half, torch.bfloat16)}
 BATCHES = (1, 2)
 FULL_BATCH = RECIPES["default"].batch_size
 
