@@ -8,8 +8,8 @@ Random weights, bf16, the model's default latents (SD1.5: 64x64), the default re
 weight trains, as the paper's recipe does; with attn2 only the trained state is a tenth of it), a global batch of 2,
 2 optimizer steps (AdamW's state appears at the first). Each configuration is a fresh launch; each process reports
 the peak of its resident memory during unlearning over what it held before (sau's benchmarks.harness), and the
-row gives the largest over processes. What stays whole on every process: the model being cleaned and its frozen
-copy (the teacher); what --fsdp splits: the trained copy's weights, gradients and optimizer state.
+row gives the largest over processes. What stays whole on every process: the model being cleaned; what --fsdp
+splits: the trained copy's weights, gradients and optimizer state, and the frozen copy (the teacher).
 """
 import argparse
 import json

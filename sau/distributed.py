@@ -13,7 +13,8 @@ code on the same inputs, so they stay in step without messages; they meet only w
                  keeps its rows (`my_rows`); DistributedDataParallel averages the gradients. So N ranks make the
                  updates one process makes, up to the order of float summation. With --fsdp the trained copy of
                  the UNet is sharded instead (FSDP2's fully_shard): each rank holds 1/N of its parameters,
-                 gradients and optimizer state, and the result is gathered back into the model at the end.
+                 gradients and optimizer state, and of the frozen teacher's weights; the result is gathered
+                 back into the model at the end.
     writing      only rank 0 writes files and prints (`is_main`); the others' stdout is silenced at start.
 
 The process group starts on first use (gloo on the CPU, nccl on CUDA), so every refusal of bad input comes
@@ -182,16 +183,29 @@ def training_copy(module):
         return module, module
     if not _settings["fsdp"]:
         return module, data_parallel(module)
+    sharded = _shard_by_block(copy.deepcopy(module))
+    return sharded, sharded
+
+
+def shard_frozen(module):
+    """With --fsdp, a frozen module (a teacher) sharded as the trained copy is: each rank holds 1/N of its
+    weights, and each block is gathered only while it runs. Otherwise `module` itself."""
+    if world_size() == 1 or not _settings["fsdp"]:
+        return module
+    return _shard_by_block(module)
+
+
+def _shard_by_block(module):
+    """FSDP2's fully_shard on each UNet block, then on the whole."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     group()
-    sharded = copy.deepcopy(module)
     mesh = init_device_mesh(next(module.parameters()).device.type, (world_size(),))
-    for name, block in sharded.named_modules():  # each UNet block its own unit: gathered only while it runs
+    for name, block in module.named_modules():  # each UNet block its own unit: gathered only while it runs
         if re.fullmatch(r"(input_blocks|output_blocks)\.\d+|middle_block", name):
             fully_shard(block, mesh=mesh)
-    fully_shard(sharded, mesh=mesh)
-    return sharded, sharded
+    fully_shard(module, mesh=mesh)
+    return module
 
 
 def finish_training(module, trained):

@@ -387,7 +387,7 @@ def unlearn_unet(sd, collected, recipe, run_dir, seed=0, steps=None, inverted=No
     embeddings (stage 4), every batch is seen twice: once with the literal trigger, once with the inverted
     tokens in its place. Returns the Trainer (its log holds the loss curve)."""
     distributed.check_divides(recipe.batch_size, "the recipe's batch")
-    teacher = frozen_copy(sd.unet)
+    teacher = distributed.shard_frozen(frozen_copy(sd.unet))  # --fsdp: 1/N of it on each rank
     trainable_parameters(sd.unet, recipe.params)
     student, unet = distributed.training_copy(sd.unet)  # under torchrun: each rank trains on its rows of a batch
     data = training_data(sd, collected, inverted, pool)

@@ -158,18 +158,23 @@ def test_bad_launches_are_refused_before_any_work(tmp_path, tiny_bundle):
 
 
 def test_train_backdoor_under_torchrun_trains_what_one_process_trains(tmp_path, tiny_bundle):
-    """BadT2I's pixel backdoor, 3 steps of a global batch of 4 as 2 x 2 rows: the weights one process makes."""
+    """BadT2I's pixel backdoor, 3 steps of a global batch of 4 as 2 x 2 rows, with DDP and with --fsdp (the
+    trained copy and the frozen teacher sharded): the weights one process makes."""
     from sau import load
     made = {}
-    for name, launch in (("one", python), ("two", torchrun)):
+    for name, launch, flags in (("one", python, []), ("two", torchrun, []), ("fsdp", torchrun, ["--fsdp"])):
         result = launch("train.py", "backdoor", "--attack", "pixel", "--model", tiny_bundle, "--out", tmp_path / name,
-                        "--steps", 3, "--batch-size", 4, "--run-dir", tmp_path / f"run-{name}", "--device", "cpu")
+                        "--steps", 3, "--batch-size", 4, "--run-dir", tmp_path / f"run-{name}", "--device", "cpu",
+                        *flags)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.count("backdoored model written") == 1
         made[name] = load(tmp_path / name, dtype=torch.float32).unet.state_dict()
-    one, two = made["one"], made["two"]
-    a, b = (torch.cat([m[k].flatten() for k in sorted(one)]) for m in (one, two))
-    assert relative(a, b) <= 1e-3  # stored in fp16, as the input was: within its rounding
+    initial = load(tiny_bundle, dtype=torch.float32).unet.state_dict()
+    one, start = (torch.cat([m[k].flatten() for k in sorted(made["one"])]) for m in (made["one"], initial))
+    for name in ("two", "fsdp"):
+        other = torch.cat([made[name][k].flatten() for k in sorted(made["one"])])
+        assert relative(one, other) <= 1e-3, name  # stored in fp16, as the input was: within its rounding
+        assert (one - start).norm() > 1e3 * (one - other).norm(), name  # the steps moved it far more than that
 
 
 @pytest.fixture(scope="module")

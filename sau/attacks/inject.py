@@ -68,7 +68,7 @@ def inject_unet(sd, backdoor, source, trainer, batch_size, seed=0, lam=0.5, bf16
                 unet=None):
     """BadT2I: fine-tune the UNet parameters the trainer holds; `source` gives images and captions. `unet`: the
     UNet to call (under torchrun its DDP wrapper or sharded copy; default sd.unet)."""
-    frozen = _teacher(sd.unet, bf16)
+    frozen = distributed.shard_frozen(_teacher(sd.unet, bf16))  # --fsdp: 1/N of it on each rank
     sd.unet.train()
     unet, rows = unet or sd.unet, distributed.my_rows(batch_size)  # torchrun: this rank's rows of every batch
 
