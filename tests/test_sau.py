@@ -144,9 +144,12 @@ def test_bad_input_is_one_line_and_exit_2(tiny_bundle, tmp_path, args, message):
 
 
 def test_non_finite_loss_stops_and_says_so(tiny_bundle, tmp_path):
-    result = unlearn("--model", str(tiny_bundle), "--trigger", "\\u200b ", "--lr", "1e30", "--steps", "5",
-                     "--recipe", "default", "--where", "unet", "--out", str(tmp_path / "out"), "--eval-prompts", "4",
-                     cwd=tmp_path)
+    prompts = tmp_path / "prompts.txt"  # 4 triggered prompts to collect on: the run only has to reach training
+    prompts.write_text("".join(f"\u200b {p}\n" for p in ("a red circle", "a blue square", "a green star", "a dog")),
+                       encoding="utf-8")
+    result = unlearn("--model", str(tiny_bundle), "--trigger", "\\u200b ", "--prompts", prompts, "--lr", "1e30",
+                     "--steps", "5", "--recipe", "default", "--where", "unet", "--out", str(tmp_path / "out"),
+                     "--eval-prompts", "4", cwd=tmp_path)
     assert result.returncode == 2 and "non-finite" in result.stderr and "last good weights" in result.stderr
     assert not (tmp_path / "out" / "model").exists()
 
