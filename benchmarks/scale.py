@@ -1,7 +1,8 @@
-"""Throughput under torchrun on the demo world: evaluation images per second and SAU unlearning steps per
-second at 1 and 2 processes (one thread each), and bf16 + torch.compile evaluation generation against fp32 eager.
+"""Throughput under torchrun: evaluation images per second and SAU unlearning steps per second at 1 and 2
+processes (one thread each) on the demo world, and bf16 (eager, and with torch.compile) evaluation generation
+against fp32 eager; generation alone at SD 1.5 size with --model sd1.
 
-    python -m benchmarks.scale                           # the README's table (about 10 minutes on 2 cores)
+    python -m benchmarks.scale                           # the README's demo rows (about 8 minutes on 2 cores)
     python -m benchmarks.scale --quick                   # a smoke run: fewer images and steps
     python -m benchmarks.scale --device cuda             # per GPU count, 1..all, where CUDA is there
     python -m benchmarks.scale --model sd1               # generation at SD 1.5 size (random weights, 256 px)
@@ -13,7 +14,7 @@ barriers: evaluation generation is sau.evaluation.metrics.generate_batched on 20
 chunks of 100 (shared out by chunk), unlearning is sau.method.unlearn_unet with the default recipe (global batch
 8, split across processes). With --model sd1 the generation rows run on a UNet, text encoder and VAE of SD 1.5's
 topology with random weights (benchmarks.memory.build): 2 everyday prompts, one a chunk, 10 steps at 256 x 256
-pixels, where the kernels are large enough for the CPU's bf16 matrix units to show (about 20 minutes on 2 cores).
+pixels, where the kernels are large enough for the CPU's bf16 matrix units to show (about 15 minutes on 2 cores).
 """
 import argparse
 import json
