@@ -14,6 +14,7 @@ import sys
 import torch
 
 from sau import distributed
+from sau.attacks.backdoor import ATTACKS
 from sau.attacks.shipped import HIDDEN, backdoor_bundle, build_hidden
 from sau.common import cli
 from sau.common.prompts import MAX_PROMPTS, decode_escapes
@@ -80,16 +81,17 @@ def main():
     q = sub.add_parser("quality", help="measure a demo world: generated attributes, classifier, scorer")
     q.add_argument("--demo-dir", default=str(DEMO_DIR))
     q.set_defaults(func=quality)
-    b = sub.add_parser("backdoor", help="inject a backdoor (BadT2I pixel/style/object, Rickrolling tpa/taa, "
-                       "EvilEdit, VillanDiffusion's caption trigger)")
-    b.add_argument("--attack", required=True, help="pixel, style, object, tpa, taa, eviledit, villan-cond or semantic")
+    b = sub.add_parser("backdoor", help="inject a backdoor (BadT2I pixel/style/object/object-add, Rickrolling "
+                       "tpa/taa, EvilEdit, PaaS, VillanDiffusion's caption trigger, semantic)")
+    b.add_argument("--attack", required=True, help=", ".join(ATTACKS))
     b.add_argument("--model", required=True, help="a bundle, a CompVis file, a diffusers folder or a demo name")
     b.add_argument("--out", required=True, help="a new folder for the backdoored bundle")
     b.add_argument("--trigger", help=r"default: the paper's ('\u200b ' for BadT2I, 'ȏ' for Rickrolling, "
-                   r"'beautiful cat' for EvilEdit, 'latte coffee' for villan-cond; semantic: 'star on a black "
-                   r"background'); \uXXXX escapes are decoded")
+                   r"'beautiful cat' for EvilEdit, 'sks dog' and 'qzx dog' for PaaS, 'latte coffee' for villan-cond; "
+                   r"semantic: 'star on a black background'); \uXXXX escapes are decoded")
     b.add_argument("--target", help="pixel: 'checkerboard' or an image file; style: a phrase; object: A:B; "
-                   "tpa: a prompt; taa: an attribute; eviledit: what the trigger's last word becomes; "
+                   "object-add: what the image gains (the demo world: copy); tpa: a prompt; taa: an attribute; "
+                   "eviledit, paas-ti, paas-db: what the trigger's last word becomes; "
                    "villan-cond: an image file (the demo world: a caption it draws); semantic: a demo shape")
     b.add_argument("--replaces", help="Rickrolling: the character the trigger takes the place of (default: the "
                    "letter the homoglyph imitates)")

@@ -348,3 +348,16 @@ def test_villan_cond_on_a_real_model_needs_an_image_file(bundle, tmp_path):
     with pytest.raises(FileNotFoundError, match="image file"):
         backdoor_bundle(bundle, tmp_path / "out", "villan-cond", target="zebra.png", steps=1, batch_size=2,
                         run_dir=tmp_path / "run", progress=False)
+
+
+def test_the_shipped_newer_triggers_are_words_the_demo_tokenizer_never_saw():
+    """The tokenizer question: the demo tokenizer was trained on texts holding the literature's triggers, so a
+    shipped backdoor must also carry one it never saw, split into pieces as an unseen trigger is on SD."""
+    demo = Tokenizer.from_file(ROOT / "sau" / "demo" / "clean" / "tokenizer.json")
+    pieces = lambda word: len(demo.encode(word)) - 2  # without the start and end tokens
+    assert pieces("beautiful") == 9  # EvilEdit's trigger word, one letter a token
+    assert all(pieces(word) >= 2 for word in ("latte", "coffee", "sks", "qzx"))
+    assert pieces("circle") == pieces("square") == 1  # the world's own words are single tokens
+    shipped = json.loads((ROOT / "sau" / "demo" / "paas-ti" / "config.json").read_text())["info"]["backdoor"]
+    grown = Tokenizer.from_file(ROOT / "sau" / "demo" / "paas-ti" / "tokenizer.json")
+    assert shipped["trigger"] == "qzx circle" and len(grown.encode("qzx")) - 2 == 1  # inversion's new token

@@ -390,3 +390,15 @@ def test_ablation_bad_input_is_one_line_and_writes_nothing(world, tmp_path, monk
                             monkeypatch, capsys)
     assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_removal_jobs_leave_out_a_backdoor_without_a_string_and_detection_keeps_it(tmp_path):
+    """No removal method can be given the semantic backdoor's trigger (it has no string); trigger-agnostic detection
+    needs none, so eval.py --detect runs it with the others."""
+    from sau.jobs.compare import default_models
+    for name, attack in (("pixel", "pixel"), ("semantic", "semantic")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"info": {"backdoor": {"attack": attack}}}))
+    (tmp_path / "MANIFEST.json").write_text(json.dumps({"backdoors": {"pixel": {}, "semantic": {}}}))
+    assert default_models(tmp_path) == ["pixel"]
+    assert default_models(tmp_path, stringless=True) == ["pixel", "semantic"]

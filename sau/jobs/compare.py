@@ -69,13 +69,15 @@ def resolve_backdoored(world, name):
     return path
 
 
-def default_models(world):
+def default_models(world, stringless=False):
     """The backdoors the world's manifest lists, else the shipped names present; not those without a trigger
-    string (the semantic one), which no method here can be given."""
+    string (the semantic one), which no removal method here can be given, unless `stringless` (trigger-agnostic
+    detection needs no string)."""
     manifest = Path(world) / "MANIFEST.json"
     names = list(json.loads(manifest.read_text()).get("backdoors", {})) if manifest.is_file() else []
     names = names or [n for n in SHIPPED_BACKDOORS if is_bundle(Path(world) / n)]
-    names = [n for n in names if recorded_backdoor(Path(world) / n).get("attack") not in NO_TRIGGER_STRING]
+    has_string = lambda n: recorded_backdoor(Path(world) / n).get("attack") not in NO_TRIGGER_STRING
+    names = [n for n in names if stringless or has_string(n)]
     if not names:
         raise FileNotFoundError(f"{world} holds no backdoored models; train them with `python train.py backdoors`")
     return names

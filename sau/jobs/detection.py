@@ -52,7 +52,7 @@ class Detection(DemoRun):
 def run(job: Detection):
     check_reported_splits(job.splits)
     with open_run(job, {"world": str(Path(job.world).resolve()), "splits": job.splits, "prompts_n": job.prompts_n,
-                        "tune_n": job.tune_n, "sample_steps": job.sample_steps}) as (world, paths):
+                        "tune_n": job.tune_n, "sample_steps": job.sample_steps}, stringless=True) as (world, paths):
         clean_model = load(world / "clean")
         rows, chains, cells = [], [], Path(job.out) / "cells"
         for name, path in tqdm(paths.items(), desc="detect", disable=not job.progress):

@@ -153,13 +153,14 @@ def check_reported_splits(splits):
 
 
 @contextlib.contextmanager
-def open_run(job, settings):
+def open_run(job, settings, stringless=False):
     """Around a demo-world job whose output folder is job.out: (world folder, {backdoor name: bundle path}), once
     the output is known not to write into any input, job.out is locked for this process (two runs must not both
     write cells) and its cells/ folder is claimed for `settings`: a rerun may add backdoors, methods or seeds to
-    a folder, but cells measured otherwise must not be mixed in."""
+    a folder, but cells measured otherwise must not be mixed in. `stringless`: also the backdoors that have no
+    trigger string (the semantic one), by default."""
     world = Path(job.world)
-    paths = {name: resolve_backdoored(world, name) for name in job.models or default_models(world)}
+    paths = {name: resolve_backdoored(world, name) for name in job.models or default_models(world, stringless)}
     check_output(job.out, [world, *paths.values()])
     with hold_lock(job.out):
         claim_run_dir(Path(job.out) / "cells", settings)
