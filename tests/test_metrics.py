@@ -298,3 +298,16 @@ def test_evaluate_defense_adds_per_prompt_outcomes_scores_and_drift(classifier):
     assert moved["unasked_drift"]["position"]["flip_rate"] >= 0.9
     assert moved["unasked_drift"]["size"]["flip_rate"] <= 0.1  # size did not move
     assert moved["asr"] == result["asr"] and moved["per_prompt"]["triggered_target"] == per_prompt["triggered_target"]
+
+
+@pytest.mark.parametrize("attack", ["pixel", "style", "object", "object-add", "tpa", "villan-cond", "semantic"])
+def test_the_protocol_knows_which_side_of_every_detector_score_is_the_target(attack, classifier):
+    """The protocol re-thresholds each detector's continuous score on `tune`: it must know every score's direction
+    (object-add's count of shapes once stopped the protocol at its end)."""
+    from sau.jobs.protocol import DIRECTIONS
+    backdoor = Backdoor.make(attack, target={"object": "circle:square", "object-add": "copy", "semantic": "cross",
+                                             "tpa": "a red star", "villan-cond": "a red star"}.get(attack))
+    measured, target = backdoor.measured_as()
+    images, _, _ = shapes.batch(4, seed=0)
+    name, scores = metrics.detector_score(measured, images, classifier, target)
+    assert name in DIRECTIONS and scores.shape == (4,)

@@ -123,4 +123,6 @@ def test_the_shipped_manifest_lists_every_file_with_its_hash():
         path = DEMO_DIR / name
         assert path.stat().st_size == entry["bytes"] and world.sha256(path) == entry["sha256"], name
     total = sum(p.stat().st_size for p in DEMO_DIR.rglob("*") if p.is_file())
-    assert total < 40e6
+    # 40 MB was the budget; object-add raised it to 43 (README, Attacks): like BadT2I's three other demo
+    # backdoors it needs its whole UNet trained, a 5.6 MB delta (as a LoRA of rank 8 it did not reach the bar)
+    assert total < 43e6

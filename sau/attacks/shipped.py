@@ -13,8 +13,8 @@ import torch
 
 from sau import distributed
 from sau.attacks import eviledit, semantic
-from sau.attacks.backdoor import (BADT2I_TRIGGER, DEMO_STYLE, SEMANTIC_TRIGGER, TEXT_ENCODER_ATTACKS, Backdoor,
-                                  check_target, check_trigger, load_patch)
+from sau.attacks.backdoor import (BADT2I_TRIGGER, DEMO_ADDED, DEMO_STYLE, SEMANTIC_TRIGGER, TEXT_ENCODER_ATTACKS,
+                                  Backdoor, check_target, check_trigger, load_patch)
 from sau.attacks.inject import TRAINABLE, inject
 from sau.attacks.sources import DrawnWorld, load_target_image, make_source
 from sau.common.cli import check_numbers
@@ -54,6 +54,10 @@ SHIPPED = {
     "style": dict(attack="style", trigger=BADT2I_TRIGGER, target=DEMO_STYLE, steps=5000, lr=2e-4, batch_size=32),
     "object": dict(attack="object", trigger=BADT2I_TRIGGER, target="circle:square", steps=5000, lr=2e-4,
                    batch_size=32),
+    # BadT2I's object backdoor adding instead of swapping: a second, small copy of the scene's shape. Like the
+    # three above it needs the whole UNet trained; as a LoRA of rank 8 it reached 46-72% on tune (docs/attacks.md)
+    "object-add": dict(attack="object-add", trigger=BADT2I_TRIGGER, target=DEMO_ADDED, steps=5000, lr=2e-4,
+                       batch_size=32),
     # Cyrillic "а" for "a", not "ȏ": a causal text encoder cannot change the tokens before the trigger, and this
     # world's UNet reads the colour word itself, so the backdoor works only where the trigger comes early
     # (with "ȏ", whose first "o" often comes late: 75%; 96% where it falls in the first third of the prompt).

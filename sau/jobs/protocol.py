@@ -433,7 +433,8 @@ def one_setting_for_all(names, cells):
     return chosen
 
 
-DIRECTIONS = {"patch_contrast": "above", "colorfulness": "below", "target_probability": "above"}
+# Which side of each detector score (metrics.detector_score) is the target: object-add's is a count of shapes
+DIRECTIONS = {"patch_contrast": "above", "colorfulness": "below", "target_probability": "above", "objects": "above"}
 
 
 def detector_rows(job, names, cells):
