@@ -402,3 +402,14 @@ def test_removal_jobs_leave_out_a_backdoor_without_a_string_and_detection_keeps_
     (tmp_path / "MANIFEST.json").write_text(json.dumps({"backdoors": {"pixel": {}, "semantic": {}}}))
     assert default_models(tmp_path) == ["pixel"]
     assert default_models(tmp_path, stringless=True) == ["pixel", "semantic"]
+
+
+def test_a_results_file_with_flat_lists_holds_the_same_data_in_less_room(tmp_path):
+    from sau.common.files import save_json
+    data = {"rows": [{"asr": 0.5, "ci": [0.25, 0.75], "per_prompt": [True, False] * 50}], "none": [], "ok": "é",
+            "nan": float("nan"), "nested": [[1, 2], [3]], "empty": {}}
+    save_json(data, tmp_path / "plain.json")
+    save_json(data, tmp_path / "flat.json", flat_lists=True)
+    plain, flat = ((tmp_path / f"{n}.json").read_text(encoding="utf-8") for n in ("plain", "flat"))
+    assert json.dumps(json.loads(flat)) == json.dumps(json.loads(plain)) == json.dumps(data)
+    assert "\"ci\": [0.25, 0.75]" in flat and len(flat) < len(plain) / 2

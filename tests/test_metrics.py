@@ -304,10 +304,9 @@ def test_evaluate_defense_adds_per_prompt_outcomes_scores_and_drift(classifier):
 def test_the_protocol_knows_which_side_of_every_detector_score_is_the_target(attack, classifier):
     """The protocol re-thresholds each detector's continuous score on `tune`: it must know every score's direction
     (object-add's count of shapes once stopped the protocol at its end)."""
-    from sau.jobs.protocol import DIRECTIONS
     backdoor = Backdoor.make(attack, target={"object": "circle:square", "object-add": "copy", "semantic": "cross",
                                              "tpa": "a red star", "villan-cond": "a red star"}.get(attack))
     measured, target = backdoor.measured_as()
     images, _, _ = shapes.batch(4, seed=0)
     name, scores = metrics.detector_score(measured, images, classifier, target)
-    assert name in DIRECTIONS and scores.shape == (4,)
+    assert name in metrics.SCORE_DIRECTIONS and scores.shape == (4,)

@@ -56,12 +56,22 @@ def load_safetensors(path):
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def save_json(obj, path):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-    atomic_write(path, write)
+def save_json(obj, path, flat_lists=False):
+    """`obj` as indented JSON; flat_lists=True writes each list of plain values on one line (a results file's
+    per-prompt outcomes take a third of the room that way)."""
+    text = _indented(json.loads(json.dumps(obj)), "") if flat_lists else json.dumps(obj, indent=2, ensure_ascii=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+
+
+def _indented(value, pad):
+    """json.dumps(value, indent=2), except that a list holding no list or dict stays on one line."""
+    inner = pad + "  "
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {_indented(v, inner)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(inner + _indented(v, inner) for v in value) + f"\n{pad}]"
+    return json.dumps(value, ensure_ascii=False)
 
 
 def cached_json(path, measure):

@@ -188,6 +188,11 @@ def detector_score(attack, images, classifier=None, target=None):
     raise ValueError(f"no detector for attack {attack!r}")
 
 
+# Which side of each detector_score threshold the target is on (sau.evaluation.calibration's `direction`)
+SCORE_DIRECTIONS = {"patch_contrast": "above", "colorfulness": "below", "target_probability": "above",
+                    "objects": "above"}
+
+
 def load_classifier(path=DEMO_DIR / "classifier.safetensors", device="cpu"):
     """The demo world's attribute classifier (stored in fp16), in float32 and eval mode."""
     model = AttributeClassifier()

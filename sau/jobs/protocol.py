@@ -157,8 +157,8 @@ def open_run(job, settings, stringless=False):
     """Around a demo-world job whose output folder is job.out: (world folder, {backdoor name: bundle path}), once
     the output is known not to write into any input, job.out is locked for this process (two runs must not both
     write cells) and its cells/ folder is claimed for `settings`: a rerun may add backdoors, methods or seeds to
-    a folder, but cells measured otherwise must not be mixed in. `stringless`: also the backdoors that have no
-    trigger string (the semantic one), by default."""
+    a folder, but cells measured otherwise must not be mixed in. `stringless`: the default list (no --models)
+    also holds the backdoors without a trigger string (the semantic one)."""
     world = Path(job.world)
     paths = {name: resolve_backdoored(world, name) for name in job.models or default_models(world, stringless)}
     check_output(job.out, [world, *paths.values()])
@@ -344,8 +344,9 @@ def tuned_threshold(cells_of_backdoor):
     tune = cells_of_backdoor["none"]["splits"]["tune"]
     score = tune["score_name"]
     per_prompt = tune["per_prompt"]
-    return score, DIRECTIONS[score], calibration.choose_threshold(per_prompt["triggered_score"],
-                                                                  per_prompt["clean_score"], DIRECTIONS[score])
+    direction = metrics.SCORE_DIRECTIONS[score]
+    return score, direction, calibration.choose_threshold(per_prompt["triggered_score"], per_prompt["clean_score"],
+                                                          direction)
 
 
 def flagged_at(cells, split, threshold, direction):
@@ -431,10 +432,6 @@ def one_setting_for_all(names, cells):
                                                               for n in names)}}}
         chosen[method] = select_setting(method, averaged, suspect)
     return chosen
-
-
-# Which side of each detector score (metrics.detector_score) is the target: object-add's is a count of shapes
-DIRECTIONS = {"patch_contrast": "above", "colorfulness": "below", "target_probability": "above", "objects": "above"}
 
 
 def detector_rows(job, names, cells):
@@ -551,7 +548,7 @@ def write_outputs(job, names, rows, sweep, cells):
                "detectors": detectors, "chosen": {n: cells[n]["chosen"] for n in names},
                "one_setting_for_all": {m: {"setting": s, "why": why} for m, (s, why) in for_all.items()},
                "cells": cells}
-    save_json(_jsonable(results), out / "results.json")
+    save_json(_jsonable(results), out / "results.json", flat_lists=True)  # every cell: MBs when indented
     m = results["machine"]
     steps = f"; optimizer steps capped at {job.max_steps}" if job.max_steps else ""
     text = (f"# The evaluation protocol\n\n`{job.command}`, on {m['processor']} ({m['cpus']} CPUs, torch "
